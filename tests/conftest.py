@@ -1,0 +1,33 @@
+"""Test setup shared by every test file.
+
+Triton reads TRITON_INTERPRET when kernels are decorated, i.e. when `perk_kernels` is first
+imported, so it is set here, before any test module imports the package, on machines with no
+CUDA device: the Triton kernels then run on CPU tensors through the interpreter.
+"""
+
+import os
+import random
+
+import pytest
+
+
+def _cuda_present() -> bool:
+    # Importing torch does not import perk_kernels, so this is safe before the env var is set.
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
