@@ -1,0 +1,204 @@
+"""What the command-line tools share: dataclass configs on the command line and one-line errors.
+
+A config is a (possibly nested) dataclass with working defaults. Its values come from, in order:
+the defaults, a YAML file (``--config FILE``), then ``--key value`` overrides, where nested
+fields are dotted (``--perk.rank 8``). ``--help`` lists every key with its default and meaning
+(the field's ``metadata["help"]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line and a non-zero exit, no traceback."""
+
+
+def field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help text for ``--help``."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _walk(cls: type, prefix: str = ""):
+    """(dotted key, type, field) for every leaf field of a nested dataclass type."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            yield from _walk(kind, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", kind, f
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def convert(kind: Any, value: Any, key: str) -> Any:
+    """``value`` (a string from the command line, or a YAML value) as type ``kind``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    try:
+        if origin in (typing.Union, types.UnionType):
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+                if type(None) in args:
+                    return None
+            inner = [a for a in args if a is not type(None)]
+            return convert(inner[0], value, key)
+        if origin is typing.Literal:
+            if value not in args:
+                raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}")
+            return value
+        if origin in (tuple, list):
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+                return tuple(convert(args[0], v, key) for v in items)
+            if origin is tuple:
+                if len(items) != len(args):
+                    raise ValueError(f"expected {len(args)} comma-separated values, got {len(items)}")
+                return tuple(convert(a, v, key) for a, v in zip(args, items))
+            return [convert(args[0], v, key) for v in items]
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(str(value))
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--{key}: {err}") from None
+    return value
+
+
+def _format_default(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any | None = None) -> None:
+    """One ``--key`` option per leaf field of ``cls`` (nested fields dotted)."""
+    defaults = defaults if defaults is not None else cls()
+    group = parser.add_argument_group(f"{cls.__name__} (also settable in a --config YAML file)")
+    for key, kind, f in _walk(cls):
+        default = get_key(defaults, key)
+        meaning = f.metadata.get("help", "")
+        group.add_argument(
+            f"--{key}", dest=f"cfg:{key}", metavar=_metavar(kind), default=argparse.SUPPRESS,
+            help=f"{meaning} (default: {_format_default(default)})",
+        )
+
+
+def _metavar(kind: Any) -> str:
+    name = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+    return name.upper() if isinstance(name, str) and name.isidentifier() else "VALUE"
+
+
+def get_key(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _set_key(config: Any, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = getattr(config, part)
+    setattr(config, last, value)
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def build_config(cls: type, namespace: argparse.Namespace, defaults: Any | None = None) -> Any:
+    """The config from defaults, then ``namespace.config`` (YAML), then ``--key`` overrides."""
+    config = dataclasses.replace(defaults) if defaults is not None else cls()
+    kinds = {key: kind for key, kind, _ in _walk(cls)}
+    values: dict[str, Any] = {}
+    yaml_path = getattr(namespace, "config", None)
+    if yaml_path:
+        values.update(_flatten(read_yaml(yaml_path)))
+    values.update({k[4:]: v for k, v in vars(namespace).items() if k.startswith("cfg:")})
+    for key, value in values.items():
+        if key not in kinds:
+            raise UsageError(f"unknown config key {key!r} (see --help for the keys)")
+        _set_key(config, key, convert(kinds[key], value, key))
+    _revalidate(config)
+    return config
+
+
+def _revalidate(config: Any) -> None:
+    """Run every dataclass's ``__post_init__`` check again after overrides."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            _revalidate(value)
+    post_init = getattr(config, "__post_init__", None)
+    if post_init is not None:
+        try:
+            post_init()
+        except (TypeError, ValueError) as err:
+            raise UsageError(str(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of keys to values")
+    return data
+
+
+def config_to_dict(config: Any) -> dict:
+    """A JSON/YAML-friendly dict (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call a CLI's ``main``; turn bad input into one line on stderr and exit code 2."""
+    try:
+        return int(main(argv) or 0)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
