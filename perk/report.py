@@ -116,6 +116,9 @@ def plot_accuracy(rows: list[dict], path: str | Path, *, x: str = "length_tokens
             ax.plot(*zip(*choice), marker="x", linestyle="--", color=line.get_color(), label=f"{method} (choice)")
     if x == "length_tokens":
         ax.set_xscale("log", base=2)
+        ticks = sorted({r[x] for r in rows})
+        ax.set_xticks(ticks, [_format_length(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("context length (tokens)")
     else:
         ax.set_xlabel("depth of the first supporting fact (%)")
