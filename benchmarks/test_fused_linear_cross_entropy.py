@@ -1,0 +1,84 @@
+"""Fused linear cross-entropy vs the unfused reference: forward + backward w.r.t. hidden.
+
+Sizes: the issue's (rows in {8192, 65536}, d = 896, Qwen2.5's vocabulary of 151,936, bf16) on a GPU,
+tiny ones on CPU (Triton interpreter); ``PERK_BENCH_SIZE=small|full`` overrides. ``extra_info``
+holds the peak memory allocated beyond the inputs during one forward + backward (GPU only), the
+achieved TFLOP/s of the 4·rows·vocab·d useful GEMM flops, and ``oom`` when a provider ran out of
+memory (recorded as a value; its timing is then a no-op and meaningless).
+
+    pytest benchmarks/test_fused_linear_cross_entropy.py --benchmark-only --benchmark-json=out.json
+"""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # The fused provider runs through Triton's interpreter on CPU; it must be set before the
+    # kernels are decorated (effective when this file is the first to import perk_kernels).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from perk_kernels._utils import interpret_mode  # noqa: E402
+from perk_kernels.fused_linear_cross_entropy import (  # noqa: E402
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+
+SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
+if SIZE not in ("small", "full"):
+    raise ValueError(f"PERK_BENCH_SIZE must be 'small' or 'full', got {SIZE!r}")
+DEVICE = "cuda" if CUDA else "cpu"
+if SIZE == "full":
+    ROWS, D, VOCAB, DTYPE, CHUNK, ROUNDS = (8192, 65536), 896, 151_936, torch.bfloat16, None, 10
+else:
+    ROWS, D, VOCAB, DTYPE, CHUNK, ROUNDS = (32, 100), 48, 4099, torch.float32, 32, 3
+PROVIDERS = {
+    "reference": lambda h, w, y: fused_linear_cross_entropy_reference(h, w, y),
+    "fused": lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=CHUNK, backend="triton"),
+}
+
+
+def _forward_backward(provider, hidden, weight, labels, upstream):
+    h = hidden.detach().requires_grad_(True)
+    PROVIDERS[provider](h, weight, labels).backward(upstream)
+    if CUDA:
+        torch.cuda.synchronize()
+    return h.grad
+
+
+def _peak_extra_bytes(run) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_fused_linear_cross_entropy(benchmark, provider, rows):
+    if provider == "fused" and not (CUDA or interpret_mode()):
+        pytest.skip("the fused provider needs CUDA or TRITON_INTERPRET=1 set before perk_kernels is imported")
+    benchmark.group = f"fused_linear_cross_entropy rows={rows} d={D} vocab={VOCAB} {str(DTYPE).split('.')[-1]}"
+    hidden = torch.randn(rows, D, dtype=DTYPE, device=DEVICE)
+    weight = (torch.randn(VOCAB, D, device=DEVICE) / D**0.5).to(DTYPE)
+    labels = torch.randint(0, VOCAB, (rows,), device=DEVICE)
+    labels[::7] = -100
+    upstream = torch.rand(rows, device=DEVICE)  # per-token weights, as the engine passes them
+
+    def run():
+        return _forward_backward(provider, hidden, weight, labels, upstream)
+
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu", size=SIZE, oom=False)
+    try:
+        if CUDA:
+            benchmark.extra_info["peak_extra_bytes"] = _peak_extra_bytes(run)
+        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        benchmark.extra_info.update(oom=True, peak_extra_bytes=None)
+        benchmark.pedantic(lambda: None, rounds=1)
+        return
+    benchmark.extra_info["tflops"] = 4 * rows * VOCAB * D / benchmark.stats.stats.mean / 1e12

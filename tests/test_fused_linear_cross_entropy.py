@@ -1,0 +1,212 @@
+"""fused_linear_cross_entropy (Triton path, interpreter on CPU) against the plain-torch reference."""
+
+import pytest
+import torch
+
+from perk_kernels.fused_linear_cross_entropy import (
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+IGNORE = -100
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def make_problem(rows, d, vocab, *, dtype=torch.float32, device=DEVICE, with_bias=False, ignore_every=5):
+    hidden = torch.randn(rows, d, dtype=dtype, device=device)
+    weight = torch.randn(vocab, d, dtype=dtype, device=device) / d**0.5
+    bias = torch.randn(vocab, dtype=dtype, device=device) if with_bias else None
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    if ignore_every:
+        labels[::ignore_every] = IGNORE
+    return hidden, weight, bias, labels
+
+
+def loss_and_grads(fn, hidden, weight, bias, labels, upstream, **kwargs):
+    """Per-token losses and the gradients of sum(upstream * loss) w.r.t. every input that requires grad."""
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (hidden, weight, bias) if t is not None]
+    h, w = inputs[0], inputs[1]
+    b = inputs[2] if bias is not None else None
+    loss = fn(h, w, labels, bias=b, ignore_index=IGNORE, **kwargs)
+    differentiable = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(loss, differentiable, upstream) if differentiable else ()
+    return loss, grads
+
+
+@pytest.mark.parametrize(
+    "rows, d, vocab, chunk_size, with_bias, head_requires_grad",
+    [
+        (37, 24, 1000, 16, False, False),  # rows not a multiple of the chunk
+        (50, 48, 4099, 64, True, True),  # one chunk larger than rows; vocab spans two kernel blocks
+        (100, 32, 4099, 33, False, True),
+        (1, 8, 1000, None, True, False),
+        (23, 16, 1000, 1, True, True),  # one row per chunk
+    ],
+)
+def test_matches_reference_with_non_uniform_upstream_gradient(
+    rows, d, vocab, chunk_size, with_bias, head_requires_grad
+):
+    hidden, weight, bias, labels = make_problem(rows, d, vocab, with_bias=with_bias)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(head_requires_grad)
+    if bias is not None:
+        bias.requires_grad_(head_requires_grad)
+    # Token weights of both signs and exact zeros: nothing may assume a plain mean.
+    upstream = torch.randn(rows, device=DEVICE)
+    upstream[1::3] = 0.0
+
+    loss, grads = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, bias, labels, upstream, chunk_size=chunk_size
+    )
+    ref_loss, ref_grads = loss_and_grads(fused_linear_cross_entropy_reference, hidden, weight, bias, labels, upstream)
+
+    assert loss.dtype == torch.float32 and loss.shape == (rows,)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert torch.all(loss[labels == IGNORE] == 0)
+    assert len(grads) == len(ref_grads) == (1 + (1 + with_bias) * head_requires_grad)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
+    hidden, weight, bias, labels = make_problem(9, 8, 1000, with_bias=True, ignore_every=0)
+    labels.fill_(IGNORE)
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    loss, grads = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, bias, labels, torch.randn(9, device=DEVICE), chunk_size=4
+    )
+    assert torch.equal(loss, torch.zeros_like(loss))
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "weighted_mean"])
+def test_reduced_losses_backpropagate_like_reference(reduce):
+    # loss.sum() hands backward an expanded (stride-0) upstream gradient.
+    hidden, weight, _, labels = make_problem(19, 12, 1000)
+    token_weight = torch.rand(19, device=DEVICE)
+    results = []
+    for fn in (fused_linear_cross_entropy, fused_linear_cross_entropy_reference):
+        h = hidden.clone().requires_grad_(True)
+        kwargs = {"chunk_size": 8} if fn is fused_linear_cross_entropy else {}
+        loss = fn(h, weight, labels, ignore_index=IGNORE, **kwargs)
+        total = loss.sum() if reduce == "sum" else (loss * token_weight).sum() / token_weight.sum()
+        total.backward()
+        results.append((total.detach(), h.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_non_contiguous_hidden_and_no_grad_forward():
+    hidden_t = torch.randn(16, 29, device=DEVICE)  # (d, rows): its transpose is non-contiguous
+    _, weight, _, labels = make_problem(29, 16, 1000)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden_t.t(), weight, labels, ignore_index=IGNORE, chunk_size=10)
+    ref = fused_linear_cross_entropy_reference(hidden_t.t(), weight, labels, ignore_index=IGNORE)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64_through_the_fused_path():
+    hidden, weight, bias, labels = make_problem(5, 3, 13, dtype=torch.float64, with_bias=True, ignore_every=4)
+    inputs = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_linear_cross_entropy(h, w, labels, bias=b, ignore_index=IGNORE, chunk_size=2),
+        inputs,
+    )
+
+
+def test_fused_backward_refuses_double_backward_but_reference_allows_it():
+    hidden, weight, _, labels = make_problem(4, 3, 11, dtype=torch.float64, ignore_every=3)
+    hidden.requires_grad_(True)
+    # An extra smooth term gives the first-order gradient a grad_fn: without the guard the fused
+    # term's second-order contribution would silently vanish from the double backward.
+    loss = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, chunk_size=3) + hidden.pow(3).sum(1)
+    with pytest.raises(RuntimeError, match="once differentiable.*backend='torch'"):
+        torch.autograd.grad(loss.sum(), hidden, create_graph=True)
+    assert torch.autograd.gradgradcheck(
+        lambda h: fused_linear_cross_entropy(h, weight, labels, ignore_index=IGNORE, backend="torch"), (hidden,)
+    )
+
+
+def test_default_chunk_size_is_a_power_of_two_bounded_by_rows():
+    assert default_chunk_size(8192, 151_936, torch.bfloat16) == 1024
+    assert default_chunk_size(8192, 151_936, torch.float32) == 512
+    assert default_chunk_size(10, 1000, torch.float32) == 10
+
+
+def _bad(**changes):
+    return changes
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (_bad(hidden=torch.randn(6)), ValueError, "hidden must have 2 dimensions"),
+        (_bad(hidden=torch.ones(6, 4, dtype=torch.int64)), TypeError, "hidden must be a floating-point"),
+        (_bad(weight=torch.randn(50, 4, dtype=torch.float64)), TypeError, "weight dtype"),
+        (_bad(weight=torch.randn(50, 5)), ValueError, "weight must be \\[vocab, 4\\]"),
+        (_bad(labels=torch.zeros(5, dtype=torch.int64)), ValueError, "labels must have 6 entries"),
+        (_bad(labels=torch.zeros(6)), TypeError, "labels must be int64 or int32"),
+        (_bad(labels=torch.tensor([0, 1, 50, 2, 3, 4])), ValueError, "labels must lie in \\[0, 50\\).*found 50"),
+        (_bad(labels=torch.tensor([0, -1, 1, 2, 3, 4])), ValueError, "found -1"),
+        (_bad(bias=torch.randn(49)), ValueError, "bias must have 50 entries"),
+        (_bad(bias=torch.randn(50, dtype=torch.float64)), TypeError, "bias dtype"),
+        (_bad(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (_bad(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (_bad(backend="cuda"), ValueError, "backend must be one of"),
+        (_bad(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(changes, error, match):
+    args = dict(hidden=torch.randn(6, 4), weight=torch.randn(50, 4), labels=torch.tensor([0, 1, IGNORE, 2, 3, 49]))
+    args.update(changes)
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@needs_cuda
+def test_device_mismatch_raises():
+    hidden, weight, _, labels = make_problem(4, 8, 100)
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        fused_linear_cross_entropy(hidden, weight.cpu(), labels)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 2e-2, 2e-2)])
+def test_gpu_matches_reference(dtype, atol, rtol):
+    rows, d, vocab = 1000, 256, 32_003
+    hidden, weight, bias, labels = make_problem(rows, d, vocab, dtype=dtype, with_bias=True)
+    for t in (hidden, weight, bias):
+        t.requires_grad_(True)
+    upstream = torch.randn(rows, device=DEVICE)
+    loss, grads = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, bias, labels, upstream, chunk_size=384
+    )
+    ref_loss, ref_grads = loss_and_grads(fused_linear_cross_entropy_reference, hidden, weight, bias, labels, upstream)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=rtol)
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=atol, rtol=rtol)
+
+
+@needs_cuda
+def test_gpu_peak_memory_is_bounded_by_the_chunk():
+    rows, d, vocab, chunk = 4096, 128, 50_000, 256
+    hidden, weight, _, labels = make_problem(rows, d, vocab, dtype=torch.bfloat16)
+    hidden.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, chunk_size=chunk)
+    loss.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    chunk_logits = chunk * vocab * hidden.element_size()
+    # Allowance beyond one chunk of logits: dhidden twice, fp32 scaling temporaries, per-row vectors.
+    assert extra <= chunk_logits + 4 * hidden.numel() * 4 + 64 * rows
