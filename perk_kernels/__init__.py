@@ -1,0 +1,31 @@
+"""perk_kernels: fused Triton kernels for PERK (LoRA linear, inner SGD step, linear cross-entropy,
+meta-gradient accumulation).
+
+Every op has a plain-torch reference of the same function beside it (``*_reference``): the
+oracle for tests and the CPU fallback. See ``perk_kernels._utils`` for how a backend is chosen.
+"""
+
+from perk_kernels._utils import BACKENDS, choose_backend
+from perk_kernels.fused_linear_cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+from perk_kernels.lora_inner_step import lora_inner_step, lora_inner_step_reference
+from perk_kernels.lora_linear import LoraSegments, lora_linear, lora_linear_reference, lora_segments
+from perk_kernels.meta_grad import cuda_extension_available, meta_grad_accumulate, meta_grad_accumulate_reference
+
+__all__ = [
+    "BACKENDS",
+    "choose_backend",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+    "lora_inner_step",
+    "lora_inner_step_reference",
+    "LoraSegments",
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_segments",
+    "cuda_extension_available",
+    "meta_grad_accumulate",
+    "meta_grad_accumulate_reference",
+]

@@ -1,0 +1,606 @@
+"""Batched multi-adapter LoRA linear: y = x Wᵀ + b + scale · (x A[id]ᵀ) B[id]ᵀ.
+
+Semantics (rows of ``x`` belong to adapters, in any order)::
+
+    x        (rows, d_in)            activations, fp32 / bf16 / fp16 / fp64
+    weight   (d_out, d_in)           frozen base weight, x's dtype; never gets a gradient
+    bias     (d_out,) or None        frozen, x's dtype
+    lora_a   (n_adapters, r, d_in)   any float dtype (fp32 adapters), cast to x's dtype per tile
+    lora_b   (n_adapters, d_out, r)
+    y[rows of adapter a] = x Wᵀ + b + scale · (x A[a]ᵀ) B[a]ᵀ        (x's dtype)
+
+Kernels, multi-LoRA-serving style (rows are visited in adapter order through a permutation, so a
+tile of ``BLOCK_M`` rows nearly always belongs to one adapter; the rare tiles that straddle two
+adapters loop over them with row masks):
+
+* ``_lora_shrink_kernel``          h = scale · x M[a]ᵀ         (rows, r): x→h, and dy→dh with M = Bᵀ
+* ``_lora_gemm_expand_kernel``     y = x Wᵀ + b + scale · h E[a]ᵀ: the base GEMM with the LoRA
+  expand fused into its epilogue (forward with E = B; dx = dy W + dh A with W → Wᵀ, E = Aᵀ)
+* ``_lora_segment_outer_kernel``   G[a] = scale · Σ_{rows of a} leftᵀ right: dA = dhᵀ x, dB = s·dyᵀ h,
+  each adapter's rows split over several programs (partial sums, added in a fixed order).
+
+Segment metadata (the permutation, per-adapter offsets) is built once per batch by
+:func:`lora_segments` and reused by every layer of a forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from perk_kernels._utils import (
+    check_finite_scalar,
+    check_float,
+    check_same_device,
+    check_tensor,
+    choose_backend,
+    dot_input_precision,
+    interpret_mode,
+    next_power_of_2,
+    target_programs,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if interpret_mode():
+        # Small tiles so that CPU tests with tiny shapes still cover multi-tile and tail paths.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (64, 256, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 32, 4, 4),
+        ]
+    ]
+
+
+def _shrink_configs() -> list[triton.Config]:
+    if interpret_mode():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
+    ]
+
+
+@triton.autotune(configs=_shrink_configs(), key=["K", "R"])
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, mat_ptr, h_ptr, row_order_ptr, sorted_ids_ptr,
+    M, K, R, scale,
+    stride_xm, stride_xk, stride_ma, stride_mr, stride_mk, stride_hm, stride_hr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """h[i] = scale · x[row_order[i]] @ mat[sorted_ids[i]]ᵀ for sorted positions i (h is sorted)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sorted positions
+    m_mask = offs_m < M
+    rows = tl.load(row_order_ptr + offs_m, mask=m_mask, other=0)
+    ids = tl.load(sorted_ids_ptr + offs_m, mask=m_mask, other=-1)
+    a_first = tl.load(sorted_ids_ptr + pid_m * BLOCK_M)
+    a_last = tl.load(sorted_ids_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    # Sorted rows: the adapters of one tile are a contiguous range, almost always one adapter.
+    for a in range(a_first, a_last + 1):
+        row_mask = (ids == a)[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=row_mask & k_mask[None, :],
+                other=0.0,
+            )
+            mat = tl.load(
+                mat_ptr + a * stride_ma + offs_r[None, :] * stride_mr + offs_k[:, None] * stride_mk,
+                mask=r_mask[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            # Adapters may be fp32 while x is bf16: multiply in x's dtype (tensor cores), accumulate in ACC.
+            acc = tl.dot(x, mat.to(x.dtype), acc, input_precision=DOT_PRECISION)
+    acc = acc * scale
+    tl.store(
+        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+        acc.to(h_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & r_mask[None, :],
+    )
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "R"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _lora_gemm_expand_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, y_ptr, row_order_ptr, sorted_ids_ptr,
+    M, N, K, R, scale,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
+    stride_ea, stride_en, stride_er, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """y[row_order[i]] = x[row_order[i]] Wᵀ + b + scale · h[i] E[sorted_ids[i]]ᵀ (h sorted)."""
+    pid = tl.program_id(0)
+    # Grouped tile order: GROUP_M row tiles share the same W column tiles while in L2.
+    n_tiles_m = tl.cdiv(M, BLOCK_M)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * n_tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sorted positions
+    m_mask = offs_m < M
+    # Out-of-range positions read row 0 / column (n mod N): valid addresses, so the K loop needs
+    # no row or column masks; their results are never stored.
+    rows = tl.load(row_order_ptr + offs_m, mask=m_mask, other=0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n_safe = offs_n % N
+    x_ptrs = x_ptr + rows[:, None] * stride_xm
+    w_ptrs = w_ptr + offs_n_safe[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(x_ptrs + offs_k[None, :] * stride_xk)
+            w = tl.load(w_ptrs + offs_k[:, None] * stride_wk)
+        else:
+            x = tl.load(x_ptrs + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0)
+            w = tl.load(w_ptrs + offs_k[:, None] * stride_wk, mask=offs_k[:, None] < K, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n_safe).to(ACC)[None, :]
+    if HAS_LORA:
+        ids = tl.load(sorted_ids_ptr + offs_m, mask=m_mask, other=-1)
+        a_first = tl.load(sorted_ids_ptr + pid_m * BLOCK_M)
+        a_last = tl.load(sorted_ids_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1)
+        for a in range(a_first, a_last + 1):
+            row_mask = (ids == a)[:, None]
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < R
+                h = tl.load(
+                    h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    mask=row_mask & r_mask[None, :],
+                    other=0.0,
+                )
+                e = tl.load(
+                    e_ptr + a * stride_ea + offs_n_safe[None, :] * stride_en + offs_r[:, None] * stride_er,
+                    mask=r_mask[:, None],
+                    other=0.0,
+                )
+                # scale folded into the (BLOCK_R, BLOCK_N) adapter tile: one accumulator, r/d_in extra work.
+                e = (e.to(ACC) * scale).to(h.dtype)
+                acc = tl.dot(h, e, acc, input_precision=DOT_PRECISION)
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit
+def _lora_segment_outer_kernel(
+    left_ptr, right_ptr, out_ptr, row_order_ptr, starts_ptr,
+    P, Q, scale, n_splits,
+    stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_oa, stride_op, stride_oq,
+    LEFT_SORTED: tl.constexpr, RIGHT_SORTED: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):  # fmt: skip
+    """out[split, a] = scale · Σ_{sorted positions i of adapter a in this split} left[i]ᵀ right[i].
+
+    ``*_SORTED`` operands are indexed by sorted position, the others by ``row_order[i]``.
+    """
+    pid_as = tl.program_id(0)
+    a = pid_as // n_splits
+    split = pid_as % n_splits
+    seg_start = tl.load(starts_ptr + a)
+    seg_end = tl.load(starts_ptr + a + 1)
+    # Each split gets a whole number of BLOCK_M row blocks.
+    per_split = tl.cdiv(tl.cdiv(seg_end - seg_start, n_splits), BLOCK_M) * BLOCK_M
+    lo = seg_start + split * per_split
+    hi = tl.minimum(lo + per_split, seg_end)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = offs_p < P
+    q_mask = offs_q < Q
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
+    for i0 in range(lo, hi, BLOCK_M):
+        offs_i = i0 + tl.arange(0, BLOCK_M)
+        i_mask = offs_i < hi
+        rows = tl.load(row_order_ptr + offs_i, mask=i_mask, other=0)
+        left_rows = offs_i if LEFT_SORTED else rows
+        right_rows = offs_i if RIGHT_SORTED else rows
+        left_t = tl.load(  # (BLOCK_P, BLOCK_M): the left operand read transposed
+            left_ptr + left_rows[None, :] * stride_lm + offs_p[:, None] * stride_lp,
+            mask=i_mask[None, :] & p_mask[:, None],
+            other=0.0,
+        )
+        right = tl.load(
+            right_ptr + right_rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+            mask=i_mask[:, None] & q_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(left_t, right.to(left_t.dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(
+        out_ptr + split * stride_os + a * stride_oa + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
+        acc * scale,
+        mask=p_mask[:, None] & q_mask[None, :],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Segment metadata
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoraSegments:
+    """Rows grouped by adapter, computed once per batch and shared by every LoRA layer.
+
+    Attributes:
+        adapter_ids: (rows,) int64, each row's adapter in the original row order.
+        n_adapters: number of adapters the ids index (``lora_a.shape[0]`` of the layers).
+        row_order: (rows,) int64, the original row of each sorted position (stable sort by adapter).
+        sorted_ids: (rows,) int64, the adapter of each sorted position (non-decreasing).
+        starts: (n_adapters + 1,) int64, adapter ``a`` owns sorted positions ``starts[a]:starts[a+1]``.
+        max_rows_per_adapter: host int, the largest segment (sizes the backward's row splits).
+    """
+
+    adapter_ids: torch.Tensor
+    n_adapters: int
+    row_order: torch.Tensor
+    sorted_ids: torch.Tensor
+    starts: torch.Tensor
+    max_rows_per_adapter: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.adapter_ids.numel()
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(n_adapters,) int64, rows per adapter."""
+        return self.starts[1:] - self.starts[:-1]
+
+
+def lora_segments(adapter_ids: torch.Tensor, n_adapters: int) -> LoraSegments:
+    """Group rows by adapter once, for reuse by every :func:`lora_linear` call of a forward pass.
+
+    Args:
+        adapter_ids: integer tensor of any shape (usually ``x.shape[:-1]``), each row's adapter.
+        n_adapters: the number of adapters; every id must lie in ``[0, n_adapters)``.
+
+    Validating the ids costs one device→host sync here, and none in the layers that reuse the result.
+    """
+    check_tensor("adapter_ids", adapter_ids)
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if isinstance(n_adapters, bool) or not isinstance(n_adapters, int) or n_adapters < 1:
+        raise ValueError(f"n_adapters must be a positive int, got {n_adapters!r}")
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    if ids.numel() == 0:
+        zeros = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
+        return LoraSegments(ids, n_adapters, ids.clone(), ids.clone(), zeros, 0)
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    if low < 0 or high >= n_adapters:
+        raise ValueError(f"adapter_ids must lie in [0, {n_adapters}) (n_adapters), got ids in [{low}, {high}]")
+    counts = torch.bincount(ids, minlength=n_adapters)
+    starts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
+    starts[1:] = torch.cumsum(counts, 0)
+    row_order = torch.argsort(ids, stable=True)
+    return LoraSegments(ids, n_adapters, row_order, ids[row_order], starts, int(counts.max()))
+
+
+def _single_adapter_segments(n_rows: int, n_adapters: int, device: torch.device) -> LoraSegments:
+    """Every row uses adapter 0 (``adapter_ids=None``): no sort and no sync needed."""
+    row_order = torch.arange(n_rows, dtype=torch.int64, device=device)
+    starts = torch.full((n_adapters + 1,), n_rows, dtype=torch.int64, device=device)
+    starts[0] = 0
+    zeros = torch.zeros(n_rows, dtype=torch.int64, device=device)
+    return LoraSegments(zeros, n_adapters, row_order, zeros, starts, n_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype):
+    """Accumulate in fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_r(r: int) -> int:
+    # tl.dot needs every dimension >= 16 on GPUs; larger ranks are looped over in chunks.
+    return max(16, min(next_power_of_2(r), 32 if interpret_mode() else 64))
+
+
+def lora_shrink(x: torch.Tensor, mat: torch.Tensor, segments: LoraSegments, scale: float = 1.0) -> torch.Tensor:
+    """h[i] = scale · x[row_order[i]] @ mat[a_i]ᵀ, (rows, r) in sorted order and x's dtype.
+
+    ``x`` is (rows, K), ``mat`` is (n_adapters, r, K) (any strides: pass ``lora_b.transpose(1, 2)``
+    to shrink ``dy`` with B).
+    """
+    rows, k = x.shape
+    r = mat.shape[1]
+    h = torch.empty((rows, r), dtype=x.dtype, device=x.device)
+    block_r = _block_r(r)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
+    _lora_shrink_kernel[grid](
+        x, mat, h, segments.row_order, segments.sorted_ids,
+        rows, k, r, scale,
+        x.stride(0), x.stride(1), mat.stride(0), mat.stride(1), mat.stride(2), h.stride(0), h.stride(1),
+        ACC=_acc_dtype(x.dtype), DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_R=block_r,
+    )  # fmt: skip
+    return h
+
+
+def lora_gemm_expand(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor | None,
+    expand: torch.Tensor | None,
+    scale: float,
+    segments: LoraSegments,
+) -> torch.Tensor:
+    """y = x weightᵀ + bias + scale · h[sorted] expand[a]ᵀ, (rows, N) in x's order and dtype.
+
+    ``x`` (rows, K), ``weight`` (N, K), ``h`` (rows, R) in sorted order (from :func:`lora_shrink`),
+    ``expand`` (n_adapters, N, R); ``h=None`` computes the base GEMM alone.
+    """
+    rows, k = x.shape
+    n = weight.shape[0]
+    has_lora = h is not None
+    r = h.shape[1] if has_lora else 0
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    h_args = (h, expand) if has_lora else (x, weight)  # dummies, never read when HAS_LORA is off
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_gemm_expand_kernel[grid](
+        x, weight, bias if bias is not None else x, h_args[0], h_args[1], y,
+        segments.row_order, segments.sorted_ids,
+        rows, n, k, r, scale,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
+        expand.stride(0) if has_lora else 0, expand.stride(1) if has_lora else 0,
+        expand.stride(2) if has_lora else 0,
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, ACC=_acc_dtype(x.dtype),
+        DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_R=_block_r(r),
+    )  # fmt: skip
+    return y
+
+
+def lora_segment_outer(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    segments: LoraSegments,
+    scale: float = 1.0,
+    *,
+    left_sorted: bool,
+    right_sorted: bool,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """G[a] = scale · Σ_{rows of adapter a} left[row]ᵀ right[row]: (n_adapters, P, Q) in fp32 (fp64 for fp64).
+
+    ``left`` (rows, P), ``right`` (rows, Q); a ``*_sorted`` operand is in sorted order (h, dh),
+    the other in the original row order (x, dy). An adapter with no rows gets zeros. Each
+    adapter's rows are split over ``n_splits`` programs (default: enough to fill the device);
+    their partial sums are added in a fixed order, so the result is deterministic.
+    """
+    p, q = left.shape[1], right.shape[1]
+    n_adapters = segments.n_adapters
+    acc_dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
+    small = interpret_mode()
+    block_m = 32 if small else 64
+    block_p = max(16, min(next_power_of_2(p), 32 if small else 128))
+    block_q = max(16, min(next_power_of_2(q), 32 if small else 64))
+    tiles = triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
+    if n_splits is None:
+        wanted = triton.cdiv(target_programs(left.device), n_adapters * tiles)
+        n_splits = max(1, min(wanted, triton.cdiv(segments.max_rows_per_adapter, 4 * block_m)))
+    partial = torch.empty((n_splits, n_adapters, p, q), dtype=acc_dtype, device=left.device)
+    grid = (n_adapters * n_splits, triton.cdiv(p, block_p), triton.cdiv(q, block_q))
+    _lora_segment_outer_kernel[grid](
+        left, right, partial, segments.row_order, segments.starts,
+        p, q, scale, n_splits,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+        LEFT_SORTED=left_sorted, RIGHT_SORTED=right_sorted, ACC=_acc_dtype(left.dtype),
+        DOT_PRECISION=dot_input_precision(left.dtype),
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return partial[0] if n_splits == 1 else partial.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """Triton forward and first-order backward (dx, dA, dB; the base weight and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, segments):
+        h = lora_shrink(x, lora_a, segments)  # (rows, r), sorted order
+        y = lora_gemm_expand(x, weight, bias, h, lora_b, scale, segments)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
+        ctx.scale = scale
+        ctx.segments = segments
+        return y
+
+    @staticmethod
+    @once_differentiable  # Triton kernels have no double backward: use backend="torch" for that.
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        segments, scale = ctx.segments, ctx.scale
+        need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dx = d_a = d_b = None
+        if need_dx or need_da:
+            dh = lora_shrink(dy, lora_b.transpose(1, 2), segments, scale)  # (rows, r) = s·dy B, sorted
+        if need_dx:
+            # dx = dy W + dh A: the same fused GEMM with W → Wᵀ and E = Aᵀ.
+            dx = lora_gemm_expand(dy, weight.t(), None, dh, lora_a.transpose(1, 2), 1.0, segments)
+        if need_da:
+            d_a = lora_segment_outer(dh, x, segments, left_sorted=True, right_sorted=False).to(lora_a.dtype)
+        if need_db:
+            d_b = lora_segment_outer(dy, h, segments, scale, left_sorted=False, right_sorted=True)
+            d_b = d_b.to(lora_b.dtype)
+        return dx, None, None, d_a, d_b, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point and reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids) -> LoraSegments | None:
+    """Validate the arguments of :func:`lora_linear`; returns the segments (None for the single-adapter case)."""
+    check_tensor("x", x)
+    check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., d_in), got shape {tuple(x.shape)}")
+    d_in = x.shape[-1]
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_a", lora_a, ndim=3)
+    check_tensor("lora_b", lora_b, ndim=3)
+    check_float("lora_a", lora_a)
+    check_float("lora_b", lora_b)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    d_out = weight.shape[0]
+    n_adapters, r = lora_a.shape[0], lora_a.shape[1]
+    if weight.shape[1] != d_in:
+        raise ValueError(f"weight must be (d_out, d_in={d_in}), got shape {tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != d_out:
+        raise ValueError(f"bias must be (d_out={d_out},), got shape {tuple(bias.shape)}")
+    if lora_a.shape[2] != d_in or r < 1 or n_adapters < 1:
+        raise ValueError(f"lora_a must be (n_adapters, r, d_in={d_in}), got shape {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (n_adapters, d_out, r):
+        raise ValueError(
+            f"lora_b must be (n_adapters, d_out, r) = {(n_adapters, d_out, r)}, got shape {tuple(lora_b.shape)}"
+        )
+    check_finite_scalar("scale", scale)
+    if adapter_ids is None:
+        return None
+    n_rows = x.shape[:-1].numel()
+    if isinstance(adapter_ids, LoraSegments):
+        segments = adapter_ids
+        if segments.n_adapters != n_adapters:
+            raise ValueError(
+                f"adapter_ids segments were built for {segments.n_adapters} adapters, lora_a has {n_adapters}"
+            )
+    else:
+        check_tensor("adapter_ids", adapter_ids)
+        if adapter_ids.shape not in (x.shape[:-1], torch.Size([n_rows])):
+            raise ValueError(
+                f"adapter_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])} or ({n_rows},), "
+                f"got {tuple(adapter_ids.shape)}"
+            )
+        segments = lora_segments(adapter_ids, n_adapters)
+    if segments.n_rows != n_rows:
+        raise ValueError(f"adapter_ids has {segments.n_rows} rows, x has {n_rows}")
+    check_same_device(x=x, adapter_ids=segments.adapter_ids)
+    return segments
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    adapter_ids: torch.Tensor | LoraSegments | None = None,
+) -> torch.Tensor:
+    """Plain-torch oracle of :func:`lora_linear` (same signature; autograd does the backward).
+
+    Twice differentiable w.r.t. x, lora_a and lora_b. Adapters are cast to x's dtype before each
+    matmul, as the kernels do; weight and bias are treated as frozen (no gradient).
+    """
+    if isinstance(adapter_ids, LoraSegments):
+        adapter_ids = adapter_ids.adapter_ids
+    weight = weight.detach()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, d_in)
+    y = x2 @ weight.t()
+    if bias is not None:
+        y = y + bias.detach()
+    if adapter_ids is None:
+        lora = (x2 @ lora_a[0].t().to(x2.dtype)) @ lora_b[0].t().to(x2.dtype)
+    else:
+        ids = adapter_ids.reshape(-1)
+        lora = torch.zeros_like(y)
+        for a in ids.unique().tolist():
+            rows = (ids == a).nonzero().squeeze(1)
+            h = x2[rows] @ lora_a[a].t().to(x2.dtype)  # (rows_a, r)
+            lora = lora.index_add(0, rows, h @ lora_b[a].t().to(x2.dtype))
+    y = y + scale * lora
+    return y.reshape(*lead, weight.shape[0])
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    adapter_ids: torch.Tensor | LoraSegments | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Frozen linear layer plus one LoRA adapter per row: ``x Wᵀ + b + scale · (x A[id]ᵀ) B[id]ᵀ``.
+
+    Args:
+        x: (..., d_in) activations; the output has x's leading shape and dtype.
+        weight: (d_out, d_in) frozen base weight in x's dtype; never gets a gradient.
+        bias: (d_out,) frozen bias in x's dtype, or None.
+        lora_a: (n_adapters, r, d_in) adapter down-projections (fp32 adapters are multiplied in
+            x's dtype with fp32 accumulation).
+        lora_b: (n_adapters, d_out, r) adapter up-projections.
+        scale: LoRA scaling (alpha / r), a finite float.
+        adapter_ids: int tensor of shape x.shape[:-1] (or (rows,)) with each row's adapter, in any
+            order; or the :class:`LoraSegments` of :func:`lora_segments` (built once, reused by every
+            layer); None: every row uses adapter 0.
+        backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`).
+
+    Differentiable w.r.t. x, lora_a and lora_b. The Triton backward is once-differentiable
+    (double backward raises); the "torch" backend is twice differentiable.
+    """
+    segments = _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids)
+    scale = float(scale)
+    d_in = x.shape[-1]
+    rows = x.shape[:-1].numel()
+    if choose_backend(backend, x.device) == "torch" or rows == 0:
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, segments)
+    if segments is None:
+        segments = _single_adapter_segments(rows, lora_a.shape[0], x.device)
+    x2 = x.reshape(rows, d_in)
+    bias = None if bias is None else bias.detach()
+    y = _LoraLinearFunction.apply(x2, weight.detach(), bias, lora_a, lora_b, scale, segments)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,242 @@
+"""lora_inner_step: the multi-tensor Triton step (interpreter on CPU) against the plain-torch reference."""
+
+import importlib
+import types
+
+import pytest
+import torch
+
+import perk_kernels
+import perk_kernels.lora_inner_step  # noqa: F401  (the statement form must work)
+from perk_kernels import lora_inner_step, lora_inner_step_reference
+from perk_kernels.lora_inner_step import _StepPlan
+
+CUDA = torch.cuda.is_available()
+# Odd per-adapter sizes against the interpreter's 64-element blocks and 128-element chunks,
+# including a tensor smaller than a block and one spanning several chunks.
+SHAPES = [(5, 7), (300,), (64,), (1,), (3, 43)]
+N_ADAPTERS = 3
+
+
+def make_tensors(shapes=SHAPES, n_adapters=N_ADAPTERS, dtype=torch.float32, device="cpu", seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(shape):
+        t = torch.randn((n_adapters, *shape), generator=gen, dtype=torch.float64).to(dtype).to(device)
+        return t.requires_grad_(requires_grad)
+
+    return [rand(s) for s in shapes], [rand(s) for s in shapes]
+
+
+def make_lr(kind, n_tensors=len(SHAPES), n_adapters=N_ADAPTERS, dtype=torch.float32, requires_grad=False):
+    if kind == "float":
+        return 0.3
+    gen = torch.Generator().manual_seed(7)
+    shape = (n_tensors,) if kind == "per_tensor" else (n_adapters, n_tensors)
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1).to(dtype).requires_grad_(requires_grad)
+
+
+def assert_all_close(actual, expected, what, rtol=1e-6, atol=1e-6):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what}[{i}]"
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what}[{i}]: {m}")
+
+
+def test_both_import_forms():
+    module = importlib.import_module("perk_kernels.lora_inner_step")
+    assert isinstance(module, types.ModuleType)
+    assert module.lora_inner_step is lora_inner_step is perk_kernels.lora_inner_step
+    assert module.lora_inner_step_reference is lora_inner_step_reference
+
+
+# Clipping thresholds: total grad norm per adapter is ~20, so 2.0 clips and 1e3 does not.
+@pytest.mark.parametrize("max_grad_norm", [None, 2.0, 1e3])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("lr_kind", ["float", "per_tensor", "per_adapter_tensor"])
+def test_matches_reference(lr_kind, weight_decay, max_grad_norm):
+    params, grads = make_tensors()
+    lr = make_lr(lr_kind)
+    kwargs = dict(weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+    out = lora_inner_step(params, grads, lr, backend="triton", **kwargs)
+    assert_all_close(out, lora_inner_step_reference(params, grads, lr, **kwargs), "out")
+
+
+def test_clipping_is_per_adapter():
+    """Only the adapter whose global norm (over all its tensors) exceeds the bound is scaled, to the bound."""
+    params, grads = make_tensors()
+    for g in grads:
+        g[0] *= 100.0  # adapter 0: norm ~2000
+        g[1] *= 1e-3  # adapter 1: norm ~0.02, under the bound
+    out = lora_inner_step(params, grads, 1.0, max_grad_norm=1.5, backend="triton")
+    steps = [p - o for p, o in zip(params, out)]  # = clip[a] · g with lr 1, no decay
+
+    def norm(ts, a):
+        return torch.cat([t[a].reshape(-1) for t in ts]).norm().item()
+
+    assert norm(steps, 0) == pytest.approx(1.5, rel=1e-5)
+    assert norm(steps, 1) == pytest.approx(norm(grads, 1), rel=1e-6)
+    assert_all_close([s[1] for s in steps], [g[1] for g in grads], "unclipped adapter")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 2.0])
+def test_inplace_equals_out_of_place(max_grad_norm):
+    params, grads = make_tensors()
+    lr = make_lr("per_adapter_tensor")
+    kwargs = dict(weight_decay=0.05, max_grad_norm=max_grad_norm, backend="triton")
+    expected = lora_inner_step(params, grads, lr, **kwargs)
+    versions = [p._version for p in params]
+    out = lora_inner_step(params, grads, lr, inplace=True, **kwargs)
+    assert all(o is p for o, p in zip(out, params))
+    assert all(p._version > v for p, v in zip(params, versions))
+    assert_all_close(params, expected, "inplace", rtol=0, atol=0)
+
+
+def test_inplace_invalidates_tensors_saved_for_backward():
+    """The kernel writes params directly; autograd still notices (version counter)."""
+    params, grads = make_tensors()
+    weight = torch.randn(N_ADAPTERS, requires_grad=True)
+    loss = (weight[:, None] * params[1]).sum()  # saves params[1]
+    lora_inner_step(params, grads, 0.1, inplace=True, backend="triton")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_views_of_one_flat_buffer_at_unaligned_offsets():
+    """The engine's layout: all tensors views of one buffer (here starting 1 element in, so unaligned)."""
+    sizes = [N_ADAPTERS * torch.Size(s).numel() for s in SHAPES]
+    flat = torch.randn(sum(sizes) + 1)
+    params = [v.view(N_ADAPTERS, *s) for v, s in zip(torch.split(flat[1:], sizes), SHAPES)]
+    grads = [torch.randn_like(p) for p in params]
+    expected = lora_inner_step_reference(params, grads, 0.2, max_grad_norm=2.0)
+    lora_inner_step(params, grads, 0.2, max_grad_norm=2.0, inplace=True, backend="triton")
+    assert_all_close(params, expected, "flat views")
+
+
+def test_non_contiguous_tensors():
+    params, grads = make_tensors(shapes=[(6, 5)])
+    params_t, grads_t = [params[0].transpose(1, 2)], [grads[0].transpose(1, 2)]
+    out = lora_inner_step(params_t, grads_t, 0.1, backend="triton")
+    assert_all_close(out, lora_inner_step_reference(params_t, grads_t, 0.1), "transposed")
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        lora_inner_step(params_t, grads_t, 0.1, inplace=True, backend="triton")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 2.0])
+@pytest.mark.parametrize("lr_kind", ["per_tensor", "per_adapter_tensor"])
+def test_gradients_match_reference(lr_kind, max_grad_norm):
+    params, grads = make_tensors(requires_grad=True)
+    lr = make_lr(lr_kind, requires_grad=True)
+    kwargs = dict(weight_decay=0.1, max_grad_norm=max_grad_norm)
+    out = lora_inner_step(params, grads, lr, backend="triton", **kwargs)
+    out_ref = lora_inner_step_reference(params, grads, lr, **kwargs)
+    d_out = [torch.randn_like(o) for o in out]
+    inputs = [*params, *grads, lr]
+    got = torch.autograd.grad(out, inputs, d_out)
+    want = torch.autograd.grad(out_ref, inputs, d_out)
+    assert_all_close(got[:-1], want[:-1], "d params, grads", rtol=1e-5, atol=1e-6)
+    assert_all_close(got[-1:], want[-1:], "d lr", rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_of_lr_only():
+    """Only lr requires grad (meta-learned rates with detached params): d lr = −⟨d, g + λp⟩."""
+    params, grads = make_tensors()
+    lr = make_lr("per_tensor", requires_grad=True)
+    out = lora_inner_step(params, grads, lr, weight_decay=0.2, backend="triton")
+    (d_lr,) = torch.autograd.grad(sum(o.sum() for o in out), lr)
+    expected = torch.stack([-(g + 0.2 * p).sum() for p, g in zip(params, grads)])
+    torch.testing.assert_close(d_lr, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_gradcheck_float64(max_grad_norm):
+    shapes = [(2, 3), (5,)]
+    params, grads = make_tensors(shapes=shapes, n_adapters=2, dtype=torch.float64, requires_grad=True)
+    lr = make_lr("per_adapter_tensor", n_tensors=2, n_adapters=2, dtype=torch.float64, requires_grad=True)
+
+    def step(lr, *tensors):
+        kwargs = dict(weight_decay=0.1, max_grad_norm=max_grad_norm, backend="triton")
+        return tuple(lora_inner_step(list(tensors[:2]), list(tensors[2:]), lr, **kwargs))
+
+    assert torch.autograd.gradcheck(step, (lr, *params, *grads), fast_mode=True)
+
+
+def test_triton_backward_refuses_double_backward_and_reference_allows_it():
+    params, grads = make_tensors(shapes=[(4,)], requires_grad=True)
+    lr = make_lr("per_tensor", n_tensors=1, requires_grad=True)
+    for backend, fails in (("triton", True), ("torch", False)):
+        (out,) = lora_inner_step(params, grads, lr, max_grad_norm=1.0, backend=backend)
+        (d_lr,) = torch.autograd.grad((out**2).sum(), lr, create_graph=True)
+        if fails:
+            with pytest.raises(RuntimeError, match="once_differentiable"):
+                d_lr.sum().backward()
+        else:
+            d_lr.sum().backward()
+            assert grads[0].grad is not None and torch.isfinite(grads[0].grad).all()
+
+
+@pytest.mark.parametrize("max_grad_norm,launches", [(None, 1), (1.0, 2)])
+def test_constant_number_of_launches(monkeypatch, max_grad_norm, launches):
+    counted = []
+    original = _StepPlan.launch
+
+    def counting(self, kernel, *args, **meta):
+        counted.append(kernel)
+        original(self, kernel, *args, **meta)
+
+    monkeypatch.setattr(_StepPlan, "launch", counting)
+    for n_tensors in (2, 40):
+        counted.clear()
+        params, grads = make_tensors(shapes=[(3,)] * n_tensors)
+        lora_inner_step(params, grads, 0.1, max_grad_norm=max_grad_norm, backend="triton")
+        assert len(counted) == launches, n_tensors
+
+
+BAD_INPUTS = [
+    ("params not list", dict(params=torch.zeros(3, 2)), TypeError, "params"),
+    ("length mismatch", dict(grads=[torch.zeros(3, 2)] * 2), ValueError, "equal length"),
+    ("empty", dict(params=[], grads=[]), ValueError, "params"),
+    ("grad shape", dict(grads=[torch.zeros(3, 4)]), ValueError, r"grads\[0\]"),
+    ("adapters", dict(params=[torch.zeros(2, 2)], grads=[torch.zeros(2, 2)], lr=0.1), ValueError, None),
+    ("grad dtype", dict(grads=[torch.zeros(3, 2, dtype=torch.float64)]), TypeError, r"grads\[0\]"),
+    ("integer params", dict(params=[torch.zeros(3, 2, dtype=torch.int64)]), TypeError, r"params\[0\]"),
+    ("lr nan", dict(lr=float("nan")), ValueError, "lr"),
+    ("lr tensor inf", dict(lr=torch.tensor([float("inf")])), ValueError, "lr"),
+    ("lr shape", dict(lr=torch.ones(2)), ValueError, "lr"),
+    ("lr int tensor", dict(lr=torch.ones(1, dtype=torch.int64)), TypeError, "lr"),
+    ("lr string", dict(lr="0.1"), TypeError, "lr"),
+    ("weight_decay inf", dict(weight_decay=float("inf")), ValueError, "weight_decay"),
+    ("max_grad_norm zero", dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+    ("max_grad_norm nan", dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what,changes,error,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_inputs_raise_naming_the_argument(what, changes, error, match, backend):
+    args = dict(params=[torch.zeros(3, 2)], grads=[torch.zeros(3, 2)], lr=0.1)
+    args.update(changes)
+    if what == "adapters":  # second tensor with a different adapter count
+        args["params"] = [torch.zeros(3, 2), torch.zeros(2, 2)]
+        args["grads"] = [torch.zeros(3, 2), torch.zeros(2, 2)]
+        match = r"params\[1\]"
+    with pytest.raises(error, match=match):
+        lora_inner_step(**args, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_gpu_matches_reference(dtype, tol):
+    shapes = [(16, 896), (4864, 16), (7,), (256, 4864)]
+    params, grads = make_tensors(shapes=shapes, n_adapters=8, dtype=dtype, device="cuda", requires_grad=True)
+    lr = make_lr("per_adapter_tensor", n_tensors=4, n_adapters=8).cuda().requires_grad_()
+    kwargs = dict(weight_decay=0.01, max_grad_norm=50.0)
+    out = lora_inner_step(params, grads, lr, backend="triton", **kwargs)
+    wide = [[t.detach().float().requires_grad_() for t in ts] for ts in (params, grads)]
+    out_ref = lora_inner_step_reference(*wide, lr, **kwargs)
+    assert_all_close([o.float() for o in out], [o.detach() for o in out_ref], "out", rtol=tol, atol=tol)
+    d_out = [torch.randn_like(o).to(dtype) for o in out]  # rounded once, the same upstream for both
+    got = torch.autograd.grad(out, [*params, *grads, lr], d_out)
+    want = torch.autograd.grad(out_ref, [*wide[0], *wide[1], lr], [d.float() for d in d_out])
+    assert_all_close([g.float() for g in got], list(want), "grads", rtol=tol, atol=tol * 10)

@@ -1,0 +1,289 @@
+"""lora_linear: Triton kernels (through the interpreter on CPU) against the plain-torch reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perk_kernels import lora_linear, lora_linear_reference
+from perk_kernels.lora_linear import (
+    LoraSegments,
+    _LoraLinearFunction,
+    lora_segment_outer,
+    lora_segments,
+)
+
+CUDA = torch.cuda.is_available()
+# Max error relative to the largest reference magnitude, by activation dtype.
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
+    """Elementwise |a - e| <= rel · (|e| + max|e|); failures list the mismatch count and first indices."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, rtol=rel, atol=rel * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
+    )
+
+
+def make_problem(rows, d_in, d_out, r, n_adapters, *, dtype=torch.float32, bias=True, device="cpu", lead=None):
+    """Random layer with adapters of realistic magnitude (the LoRA term is not negligible)."""
+    gen = torch.Generator().manual_seed(rows * 1000 + d_in * 10 + r)
+    shape = (rows, d_in) if lead is None else (*lead, d_in)
+
+    def rand(*s, dt=dtype, std=1.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * std).to(dt).to(device)
+
+    return dict(
+        x=rand(*shape).requires_grad_(),
+        weight=rand(d_out, d_in, std=d_in**-0.5),
+        bias=rand(d_out) if bias else None,
+        lora_a=rand(n_adapters, r, d_in, dt=torch.float32, std=d_in**-0.5).requires_grad_(),
+        lora_b=rand(n_adapters, d_out, r, dt=torch.float32, std=r**-0.5).requires_grad_(),
+        scale=0.75,
+    )
+
+
+def check_against_reference(problem, adapter_ids, rel, *, backend="triton"):
+    """Forward and dx, dA, dB of the kernels equal the reference's."""
+    y = lora_linear(**problem, adapter_ids=adapter_ids, backend=backend)
+    y_ref = lora_linear_reference(**problem, adapter_ids=adapter_ids)
+    assert y.shape == y_ref.shape and y.dtype == problem["x"].dtype
+    assert_rel_close(y, y_ref, rel, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y)
+    inputs = [problem["x"], problem["lora_a"], problem["lora_b"]]
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    for name, g, g_ref, t in zip(("dx", "dA", "dB"), grads, grads_ref, inputs):
+        assert g.dtype == t.dtype, name
+        assert_rel_close(g, g_ref, rel, name)
+
+
+def ids_unsorted_with_empty_adapter(rows, n_adapters):
+    """Random order; the last adapter gets no rows."""
+    gen = torch.Generator().manual_seed(rows)
+    return torch.randint(0, max(n_adapters - 1, 1), (rows,), generator=gen)
+
+
+# (rows, d_in, d_out, r, n_adapters): tails in every dimension against 32-wide interpreter tiles.
+SHAPES = [
+    (1, 7, 5, 1, 1),
+    (33, 45, 70, 8, 3),
+    (70, 64, 33, 16, 4),
+    (97, 19, 66, 64, 2),
+    (50, 70, 17, 1, 5),
+    (64, 32, 64, 16, 2),
+    (100, 65, 70, 16, 8),
+    (99, 33, 40, 64, 3),
+]
+
+
+@pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", SHAPES)
+def test_matches_reference_unsorted_ids_and_empty_adapter(rows, d_in, d_out, r, n_adapters):
+    problem = make_problem(rows, d_in, d_out, r, n_adapters)
+    check_against_reference(problem, ids_unsorted_with_empty_adapter(rows, n_adapters), REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_adapter_ids_means_adapter_zero(bias):
+    problem = make_problem(40, 36, 35, 8, 3, bias=bias)
+    check_against_reference(problem, None, REL_TOL[torch.float32])
+    y = lora_linear(**problem, backend="triton")
+    zeros = torch.zeros(40, dtype=torch.int64)
+    assert_rel_close(y, lora_linear_reference(**problem, adapter_ids=zeros), REL_TOL[torch.float32], "y")
+
+
+def test_leading_dims_and_segments_reuse():
+    """x (segments, seq, d_in) with ids (segments, seq); a LoraSegments gives the same result as raw ids."""
+    problem = make_problem(0, 24, 40, 16, 3, lead=(6, 11))
+    ids = torch.tensor([2, 0, 2, 1, 0, 2]).repeat_interleave(11).view(6, 11)
+    check_against_reference(problem, ids, REL_TOL[torch.float32])
+    segments = lora_segments(ids, 3)
+    y_seg = lora_linear(**problem, adapter_ids=segments, backend="triton")
+    y_ids = lora_linear(**problem, adapter_ids=ids, backend="triton")
+    assert y_seg.shape == (6, 11, 40)
+    torch.testing.assert_close(y_seg, y_ids, rtol=0, atol=0)
+
+
+def test_segments_metadata():
+    segments = lora_segments(torch.tensor([[2, 0], [2, 2]]), 4)
+    assert segments.row_order.tolist() == [1, 0, 2, 3]
+    assert segments.sorted_ids.tolist() == [0, 2, 2, 2]
+    assert segments.starts.tolist() == [0, 1, 1, 4, 4]
+    assert segments.counts.tolist() == [1, 0, 3, 0]
+    assert segments.max_rows_per_adapter == 3 and segments.n_rows == 4
+
+
+def test_zero_rows():
+    problem = make_problem(0, 9, 5, 4, 2)
+    y = lora_linear(**problem, adapter_ids=torch.zeros(0, dtype=torch.int64), backend="triton")
+    assert y.shape == (0, 5)
+
+
+def test_backward_row_splits_agree():
+    """dA/dB summed over several programs per adapter equal the one-program sum."""
+    rows, n_adapters = 90, 3
+    segments = lora_segments(ids_unsorted_with_empty_adapter(rows, 4) % n_adapters, n_adapters)
+    left, right = torch.randn(rows, 20), torch.randn(rows, 37)
+    one = lora_segment_outer(left, right, segments, 0.5, left_sorted=True, right_sorted=False, n_splits=1)
+    many = lora_segment_outer(left, right, segments, 0.5, left_sorted=True, right_sorted=False, n_splits=3)
+    assert_rel_close(many, one, 1e-6, "split sums")
+    expected = torch.stack(
+        [0.5 * left[segments.starts[a] : segments.starts[a + 1]].t() @ right[segments.row_order][
+            segments.starts[a] : segments.starts[a + 1]
+        ] for a in range(n_adapters)]
+    )  # fmt: skip
+    assert_rel_close(one, expected, 1e-5, "segment outer")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 48),
+    d_in=st.integers(1, 40),
+    d_out=st.integers(1, 40),
+    r=st.sampled_from([1, 8, 16]),
+    n_adapters=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_random_layers(rows, d_in, d_out, r, n_adapters, seed):
+    problem = make_problem(rows, d_in, d_out, r, n_adapters)
+    ids = torch.randint(0, n_adapters, (rows,), generator=torch.Generator().manual_seed(seed))
+    check_against_reference(problem, ids, REL_TOL[torch.float32])
+
+
+def test_gradcheck_float64_through_kernels():
+    problem = make_problem(6, 5, 4, 2, 2, dtype=torch.float64)
+    problem["lora_a"] = problem["lora_a"].detach().double().requires_grad_()
+    problem["lora_b"] = problem["lora_b"].detach().double().requires_grad_()
+    ids = torch.tensor([1, 0, 1, 1, 0, 1])
+
+    def fn(x, lora_a, lora_b):
+        return lora_linear(x, problem["weight"], problem["bias"], lora_a, lora_b, 0.75, ids, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (problem["x"], problem["lora_a"], problem["lora_b"]), fast_mode=True)
+
+
+def test_reference_is_twice_differentiable_and_kernels_refuse_double_backward():
+    problem = make_problem(5, 4, 3, 2, 2, dtype=torch.float64)
+    a = problem["lora_a"].detach().double().requires_grad_()
+    b = problem["lora_b"].detach().double().requires_grad_()
+    ids = torch.tensor([1, 0, 1, 1, 0])
+
+    def ref(lora_a, lora_b):
+        return lora_linear(problem["x"], problem["weight"], None, lora_a, lora_b, 0.5, ids, backend="torch")
+
+    assert torch.autograd.gradgradcheck(ref, (a, b))
+    y = lora_linear(problem["x"], problem["weight"], None, a, b, 0.5, ids, backend="triton")
+    (da,) = torch.autograd.grad(y.pow(2).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        da.sum().backward()
+
+
+def test_broadcast_upstream_gradient():
+    """y.sum() hands the backward a stride-0 gradient; the kernels read it through its strides."""
+    problem = make_problem(37, 20, 33, 8, 2)
+    ids = ids_unsorted_with_empty_adapter(37, 3)
+    inputs = [problem["x"], problem["lora_a"], problem["lora_b"]]
+    got = torch.autograd.grad(lora_linear(**problem, adapter_ids=ids, backend="triton").sum(), inputs)
+    want = torch.autograd.grad(lora_linear_reference(**problem, adapter_ids=ids).sum(), inputs)
+    for name, g, g_ref in zip(("dx", "dA", "dB"), got, want):
+        assert_rel_close(g, g_ref, REL_TOL[torch.float32], name)
+
+
+def test_weight_and_bias_get_no_gradient():
+    problem = make_problem(8, 6, 5, 2, 1)
+    problem["weight"].requires_grad_()
+    problem["bias"].requires_grad_()
+    for backend in ("triton", "torch"):
+        y = lora_linear(**problem, backend=backend)
+        assert torch.autograd.grad(y.sum(), [problem["weight"], problem["bias"]], allow_unused=True) == (None, None)
+
+
+def autograd_node_names(t: torch.Tensor) -> set[str]:
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_backend_choice(monkeypatch):
+    """Interpreter mode picks the kernels for CPU tensors; the environment variable overrides that."""
+    problem = make_problem(10, 6, 5, 2, 1)
+    kernel_node = _LoraLinearFunction.__name__ + "Backward"
+    assert kernel_node in autograd_node_names(lora_linear(**problem))
+    monkeypatch.setenv("PERK_KERNELS_BACKEND", "torch")
+    y = lora_linear(**problem)
+    assert kernel_node not in autograd_node_names(y)
+    torch.testing.assert_close(y, lora_linear_reference(**problem), rtol=0, atol=0)
+
+
+def _bad(**changes):
+    problem = make_problem(6, 5, 4, 2, 2)
+    ids = changes.pop("adapter_ids", torch.zeros(6, dtype=torch.int64))
+    problem.update(changes)
+    return problem, ids
+
+
+BAD_INPUTS = [
+    ("x not a tensor", dict(x=[[1.0]]), TypeError, "x must"),
+    ("integer x", dict(x=torch.ones(6, 5, dtype=torch.int64)), TypeError, "x must"),
+    ("weight d_in", dict(weight=torch.randn(4, 6)), ValueError, "weight"),
+    ("weight dtype", dict(weight=torch.randn(4, 5, dtype=torch.float64)), TypeError, "weight"),
+    ("bias shape", dict(bias=torch.randn(5)), ValueError, "bias"),
+    ("lora_a d_in", dict(lora_a=torch.randn(2, 2, 6)), ValueError, "lora_a"),
+    ("lora_a ndim", dict(lora_a=torch.randn(2, 5)), ValueError, "lora_a"),
+    ("lora_b rank", dict(lora_b=torch.randn(2, 4, 3)), ValueError, "lora_b"),
+    ("lora_b adapters", dict(lora_b=torch.randn(3, 4, 2)), ValueError, "lora_b"),
+    ("scale nan", dict(scale=float("nan")), ValueError, "scale"),
+    ("scale tensor", dict(scale=torch.tensor(1.0)), TypeError, "scale"),
+    ("ids too large", dict(adapter_ids=torch.tensor([0, 1, 2, 0, 0, 0])), ValueError, "adapter_ids"),
+    ("ids negative", dict(adapter_ids=torch.tensor([0, -1, 0, 0, 0, 0])), ValueError, "adapter_ids"),
+    ("ids shape", dict(adapter_ids=torch.zeros(5, dtype=torch.int64)), ValueError, "adapter_ids"),
+    ("ids float", dict(adapter_ids=torch.zeros(6)), TypeError, "adapter_ids"),
+    ("segments adapters", dict(adapter_ids=lora_segments(torch.zeros(6, dtype=torch.int64), 3)), ValueError, "adapter"),
+    ("segments rows", dict(adapter_ids=lora_segments(torch.zeros(7, dtype=torch.int64), 2)), ValueError, "rows"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what,changes,error,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_inputs_raise_naming_the_argument(what, changes, error, match, backend):
+    problem, ids = _bad(**changes)
+    with pytest.raises(error, match=match):
+        lora_linear(**problem, adapter_ids=ids, backend=backend)
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend"):
+        lora_linear(**make_problem(2, 3, 4, 1, 1), backend="cuda")
+
+
+def test_segments_type_is_public():
+    assert isinstance(lora_segments(torch.tensor([0]), 1), LoraSegments)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", [(1000, 896, 4864, 16, 8), (333, 200, 130, 64, 3)])
+def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
+    """On CUDA: fp32 against the fp32 reference, bf16 against the reference run in fp32 on the same inputs."""
+    problem = make_problem(rows, d_in, d_out, r, n_adapters, dtype=dtype, device="cuda")
+    ids = ids_unsorted_with_empty_adapter(rows, n_adapters).cuda()
+    if dtype == torch.float32:
+        check_against_reference(problem, ids, REL_TOL[dtype])
+        return
+    wide = {
+        k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in problem.items()
+    }
+    y = lora_linear(**problem, adapter_ids=ids, backend="triton")
+    y_ref = lora_linear_reference(**wide, adapter_ids=ids)
+    assert_rel_close(y, y_ref, REL_TOL[dtype], "y")
+    dy = torch.randn_like(y_ref).to(dtype)  # rounded once, the same upstream for both
+    grads = torch.autograd.grad(y, [problem["x"], problem["lora_a"], problem["lora_b"]], dy)
+    grads_ref = torch.autograd.grad(y_ref, [wide["x"], wide["lora_a"], wide["lora_b"]], dy.float())
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
+        assert_rel_close(g, g_ref, REL_TOL[dtype], name)
