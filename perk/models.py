@@ -96,9 +96,10 @@ def converted_gguf_dir(path: Path) -> Path:
     return target
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path | str:
+def resolve_model_dir(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, tokenizer_only: bool = False) -> Path | str:
     """A local Hugging Face directory for ``name_or_path`` (alias, GGUF file or directory);
-    a string that is none of these is returned unchanged as a hub id."""
+    a string that is none of these is returned unchanged as a hub id. With ``tokenizer_only``,
+    a directory holding just a tokenizer will do."""
     name = str(name_or_path)
     if name.lower() in ALIASES:
         return converted_gguf_dir(find_packaged_gguf(name.lower()))
@@ -108,6 +109,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> Path |
             raise ValueError(f"{name}: a model file must be a .gguf; otherwise pass a model directory")
         return converted_gguf_dir(path)
     if path.is_dir():
+        if tokenizer_only and (path / "tokenizer_config.json").is_file():
+            return path
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{name}: not a Hugging Face model directory (no config.json)")
         return path
@@ -132,8 +135,9 @@ def _offline_error(name: str, err: Exception) -> OSError:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
-    """The tokenizer of a base model (same resolution as :func:`load_base_model`)."""
-    source = resolve_model_dir(name_or_path)
+    """The tokenizer of a base model (same resolution as :func:`load_base_model`; a directory
+    with only a tokenizer in it also works)."""
+    source = resolve_model_dir(name_or_path, tokenizer_only=True)
     try:
         return AutoTokenizer.from_pretrained(source, **_hub_kwargs(str(source)))
     except OSError as err:

@@ -1,0 +1,152 @@
+"""Command line for task datasets: ``python -m perk.data generate|stats``.
+
+    python -m perk.data generate --task babilong/qa2 --length 8k --n 500 --seed 0 --out qa2_8k.jsonl
+    python -m perk.data generate --task student_records/aggregate --length 32k --n 100 --out agg.jsonl
+    python -m perk.data stats qa2_8k.jsonl
+
+Lengths are counted with ``--tokenizer`` (default: the embedded SmolLM2's). Output is written
+atomically; bad input ends with a one-line error and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tqdm import tqdm
+from perk.models import load_tokenizer
+
+from perk.tasks import TASKS, iter_problems, parse_length, read_jsonl, write_jsonl
+from perk.tasks.embed import DEFAULT_DOC_TOKENS
+
+PROG = "perk.data"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _depth(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _length(text: str) -> int:
+    try:
+        return parse_length(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``generate`` and ``stats`` subcommands."""
+    parser = _Parser(prog=PROG, description="Generate and inspect long-context task datasets.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser("generate", help="generate a JSONL dataset")
+    generate.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"one of {', '.join(TASKS)}")
+    generate.add_argument("--length", required=True, type=_length, help="context length in tokens: 512, 8k, 128k, 1m")
+    generate.add_argument("--n", required=True, type=_positive_int, help="number of problems")
+    generate.add_argument("--out", required=True, type=Path, help="output JSONL file (written atomically)")
+    generate.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
+    generate.add_argument(
+        "--tokenizer", default="smollm2-135m",
+        help="tokenizer that measures lengths: a model alias, model directory or tokenizer directory",
+    )
+    generate.add_argument("--depth", type=_depth, default=None, help="first supporting fact at this depth in [0, 1]")
+    generate.add_argument("--no-order-markers", action="store_true", help="no per-actor event counters (babilong)")
+    generate.add_argument("--no-doc-index", action="store_true", help='no "doc_<i>:" document prefixes')
+    generate.add_argument("--corpus", type=Path, default=None, help="plain-text haystack corpus (babilong)")
+    generate.add_argument(
+        "--doc-tokens", type=_positive_int, default=DEFAULT_DOC_TOKENS,
+        help=f"most tokens per babilong document (default {DEFAULT_DOC_TOKENS})",
+    )
+
+    stats = commands.add_parser("stats", help="summarise a JSONL dataset")
+    stats.add_argument("file", type=Path)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.tokenizer)
+    problems = iter_problems(
+        args.task, args.n, args.length, tokenizer, seed=args.seed, depth=args.depth,
+        order_markers=not args.no_order_markers, doc_index=not args.no_doc_index,
+        corpus=args.corpus, doc_tokens=args.doc_tokens,
+    )
+    # disable=None: a progress bar on a terminal only, not in logs and pipes.
+    count = write_jsonl(args.out, tqdm(problems, total=args.n, desc=args.task, unit="problem", disable=None))
+    print(f"wrote {count} problems to {args.out}")
+    return 0
+
+
+def _spread(values: list[float], digits: int = 1) -> str:
+    return (
+        f"min {min(values):.{digits}f}  mean {statistics.fmean(values):.{digits}f}  max {max(values):.{digits}f}"
+    )
+
+
+def summarize(records: list[dict[str, Any]]) -> str:
+    """A plain-text summary of a dataset, one block per task."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_task[record["task"]].append(record)
+    lines = [f"{len(records)} problems"]
+    for task, group in sorted(by_task.items()):
+        answers = Counter(record["answer"] for record in group)
+        top = ", ".join(f"{answer} {100 * count / len(group):.1f}%" for answer, count in answers.most_common(8))
+        lines += [
+            f"{task}: {len(group)} problems",
+            f"  documents per context: {_spread([len(r['context']) for r in group])}",
+            f"  supporting facts: {_spread([len(r.get('support', [])) for r in group])}",
+            f"  distinct answers: {len(answers)}; most common: {top}",
+        ]
+        if all("context_tokens" in r for r in group):
+            lines.append(f"  context tokens: {_spread([r['context_tokens'] for r in group], 0)}")
+        if all(isinstance(r.get("depth"), (int, float)) for r in group):
+            lines.append(f"  depth of first supporting fact: {_spread([r['depth'] for r in group], 3)}")
+        targets = sorted({r["length_tokens"] for r in group if "length_tokens" in r})
+        if targets:
+            lines.append(f"  target lengths: {', '.join(map(str, targets))}")
+    return "\n".join(lines)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    records = read_jsonl(args.file)
+    if not records:
+        raise ValueError(f"{args.file} holds no problems")
+    print(summarize(records))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (errors are one line on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run_generate(args) if args.command == "generate" else run_stats(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

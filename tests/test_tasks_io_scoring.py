@@ -1,0 +1,134 @@
+"""Lengths, JSONL reading/writing and answer scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from perk.tasks import exact_match, f1, generate, normalize_answer, parse_length, read_jsonl, write_jsonl
+from tests.test_tasks_lengths import TOKENIZERS
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [("512", 512), ("8k", 8192), ("1K", 1024), ("128k", 131072), ("1m", 1048576), (" 1.5k ", 1536), (77, 77)],
+)
+def test_parse_length(text, tokens):
+    assert parse_length(text) == tokens
+
+
+@pytest.mark.parametrize("text", ["", "8x", "k", "-1k", "0", "1.3", "0.0001k", "8 kb"])
+def test_parse_length_rejects_malformed_lengths(text):
+    with pytest.raises(ValueError, match="length"):
+        parse_length(text)
+
+
+def test_parse_length_rejects_other_types():
+    with pytest.raises(TypeError, match="length"):
+        parse_length(8.0)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return generate("babilong/qa2", 3, 1024, TOKENIZERS["bpe"](), seed=4) + generate(
+        "student_records/aggregate", 2, 1024, TOKENIZERS["bpe"]()
+    )
+
+
+def test_jsonl_round_trip(tmp_path, problems):
+    path = tmp_path / "set.jsonl"
+    assert write_jsonl(path, problems) == 5
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 5 and all(json.loads(line)["task"] for line in lines)
+    path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n", encoding="utf-8")
+    assert read_jsonl(path) == [problem.to_json() for problem in problems]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: "{not json", "Expecting"),
+        (lambda r: json.dumps([r]), "JSON object"),
+        (lambda r: json.dumps({k: v for k, v in r.items() if k != "answer"}), "missing field 'answer'"),
+        (lambda r: json.dumps(r | {"context": "one text"}), "'context'"),
+        (lambda r: json.dumps(r | {"context": []}), "'context'"),
+        (lambda r: json.dumps(r | {"support": [1, 2]}), "'support'"),
+        (lambda r: json.dumps(r | {"length_tokens": True}), "'length_tokens'"),
+        (lambda r: json.dumps(r | {"question": "  "}), "'question'"),
+    ],
+)
+def test_read_jsonl_names_the_bad_line(tmp_path, problems, mutate, message):
+    records = [problem.to_json() for problem in problems]
+    lines = [json.dumps(r) for r in records]
+    lines[3] = mutate(records[3])
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:4: .*{message}"):
+        read_jsonl(path)
+
+
+def test_read_jsonl_accepts_a_minimal_hand_made_problem(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    record = {"task": "x", "context": ["a b"], "question": "Q?", "answer": "a", "depth": None}
+    path.write_text(json.dumps(record) + "\n")
+    assert read_jsonl(path)[0]["answer"] == "a"
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        read_jsonl(tmp_path / "nothing.jsonl")
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, problems):
+    path = tmp_path / "set.jsonl"
+    path.write_text("old\n")
+
+    def failing():
+        yield problems[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(path, failing())
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["set.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "match"),
+    [
+        ("The kitchen.", "kitchen", True),
+        ("  KITCHEN ", "kitchen", True),
+        ("a garden", "garden", True),
+        ("74.3", "74.3", True),
+        ("74.3.", "74.3", True),
+        ("743", "74.3", False),
+        ("74.30", "74.3", False),
+        ("Yes!", "yes", True),
+        ("Ada  Lovelace", "ada lovelace", True),
+        ("the bedroom", "bathroom", False),
+        ("", "", True),
+    ],
+)
+def test_exact_match_normalises(prediction, gold, match):
+    assert exact_match(prediction, gold) is match
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "score"),
+    [
+        ("Computer Science", "computer science", 1.0),
+        ("Science", "Computer Science", 2 / 3),
+        ("the Computer Science major", "Computer Science", 0.8),
+        ("kitchen", "garden", 0.0),
+        ("", "garden", 0.0),
+        ("the", "", 1.0),
+    ],
+)
+def test_f1(prediction, gold, score):
+    assert f1(prediction, gold) == pytest.approx(score)
+
+
+def test_normalize_answer_rejects_non_strings():
+    with pytest.raises(TypeError, match="answer"):
+        normalize_answer(3)
