@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -193,12 +194,19 @@ def config_to_dict(config: Any) -> dict:
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call a CLI's ``main``; turn bad input into one line on stderr and exit code 2."""
+    """Call a CLI's ``main``; bad input becomes one line on stderr and a non-zero exit."""
     try:
         return int(main(argv) or 0)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, TypeError, OSError) as err:
+        # Bad input found deeper down (a file that is not a dataset, a checkpoint of another
+        # model, ...): one line, not a traceback wall. PERK_DEBUG=1 shows the traceback.
+        if os.environ.get("PERK_DEBUG") == "1":
+            raise
+        print(f"error: {err} (PERK_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tqdm import tqdm
-from perk.models import load_tokenizer
 
+from perk.models import load_tokenizer
 from perk.tasks import TASKS, iter_problems, parse_length, read_jsonl, write_jsonl
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
 
