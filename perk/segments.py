@@ -1,0 +1,211 @@
+"""Token batches of the engine: context segments (inner loss) and question/answer rows (outer loss).
+
+Both are :class:`TokenBatch` objects: right-padded token rows, labels already shifted onto the
+positions that predict them (``labels[:, t]`` is the target of position ``t``; -100 is ignored),
+the adapter of each row, and per-position loss weights such that ``Σ weights · NLL`` is the sum
+over adapters of each adapter's mean token NLL. With right padding and causal attention no real
+token ever sees a pad, so no attention mask is needed and position ids start at 0 in every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+# Appended to every document before tokenisation: documents packed into one segment stay apart.
+DOCUMENT_SEPARATOR = "\n"
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded rows of tokens with shifted labels and loss weights.
+
+    input_ids: (rows, seq) int64.
+    labels: (rows, seq) int64, the next token each position predicts, IGNORE_INDEX where none.
+    row_adapters: (rows,) int64, the adapter (problem) each row belongs to; rows are grouped by it.
+    loss_weights: (rows, seq) float32, ``1 / (tokens of the row's adapter)`` on labelled positions.
+    n_adapters: number of adapters the rows index.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    row_adapters: torch.Tensor
+    loss_weights: torch.Tensor
+    n_adapters: int
+
+    @property
+    def n_tokens(self) -> int:
+        """Labelled positions in the batch."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    def tokens_per_adapter(self) -> torch.Tensor:
+        """(n_adapters,) int64, labelled positions of each adapter."""
+        counts = (self.labels != IGNORE_INDEX).sum(1)
+        zeros = torch.zeros(self.n_adapters, dtype=torch.int64, device=counts.device)
+        return zeros.index_add_(0, self.row_adapters, counts)
+
+    def chunks(self, max_tokens: int):
+        """Consecutive row slices of at most ``max_tokens`` tokens (at least one row each)."""
+        rows_per_chunk = max(1, max_tokens // self.input_ids.shape[1])
+        for start in range(0, self.input_ids.shape[0], rows_per_chunk):
+            yield slice(start, start + rows_per_chunk)
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(
+            self.input_ids.to(device), self.labels.to(device), self.row_adapters.to(device),
+            self.loss_weights.to(device), self.n_adapters,
+        )
+
+
+def validate_context(context: object, name: str = "context") -> list[str]:
+    """A context as a non-empty list of documents, or a TypeError/ValueError naming ``name``."""
+    documents = [context] if isinstance(context, str) else context
+    if not isinstance(documents, (list, tuple)):
+        raise TypeError(f"{name} must be a str or a list of str, got {type(context).__name__}")
+    if not all(isinstance(d, str) for d in documents):
+        bad = next(type(d).__name__ for d in documents if not isinstance(d, str))
+        raise TypeError(f"{name} must be a str or a list of str, got a list containing {bad}")
+    if not any(d.strip() for d in documents):
+        raise ValueError(f"{name} is empty or whitespace only")
+    return [d for d in documents if d.strip()]
+
+
+def pack_documents(documents: list[list[int]], segment_len: int) -> list[list[int]]:
+    """Greedy packing of tokenised documents into segments of at most ``segment_len`` tokens.
+
+    A document that fits in the current segment is appended whole; one that does not starts a
+    new segment; only documents longer than a segment are split (into full segments, and a
+    remainder that later documents may join).
+    """
+    segments: list[list[int]] = []
+    current: list[int] = []
+    for tokens in documents:
+        if len(current) + len(tokens) <= segment_len:
+            current = current + tokens
+            continue
+        if current:
+            segments.append(current)
+        n_full = len(tokens) // segment_len if len(tokens) > segment_len else 0
+        segments += [tokens[i * segment_len : (i + 1) * segment_len] for i in range(n_full)]
+        current = tokens[n_full * segment_len :]
+    if current:
+        segments.append(current)
+    return segments
+
+
+def _rows_to_batch(
+    rows: list[list[int]], targets: list[list[bool]], row_adapters: list[int], n_adapters: int, pad_id: int
+) -> TokenBatch:
+    """Right-pad token rows; position t is labelled with token t+1 where ``targets[row][t+1]``."""
+    seq = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), seq), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), seq), IGNORE_INDEX, dtype=torch.int64)
+    for i, (tokens, is_target) in enumerate(zip(rows, targets)):
+        input_ids[i, : len(tokens)] = torch.tensor(tokens)
+        mask = torch.tensor(is_target[1:], dtype=torch.bool)
+        labels[i, : len(tokens) - 1] = torch.where(mask, torch.tensor(tokens[1:]), IGNORE_INDEX)
+    adapters = torch.tensor(row_adapters, dtype=torch.int64)
+    labelled = labels != IGNORE_INDEX
+    counts = torch.zeros(n_adapters, dtype=torch.int64).index_add_(0, adapters, labelled.sum(1))
+    if (counts == 0).any():
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"no token to predict for problem(s) {empty}: each needs at least 2 tokens")
+    loss_weights = labelled.float() / counts[adapters].unsqueeze(1).float()
+    return TokenBatch(input_ids, labels, adapters, loss_weights, n_adapters)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase, pad_id: int | None) -> int:
+    if pad_id is not None:
+        return pad_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return pad
+
+
+def context_segments(
+    tokenizer: PreTrainedTokenizerBase, contexts: list[str | list[str]], segment_len: int, pad_id: int | None = None
+) -> TokenBatch:
+    """Segments of several contexts (adapter ``i`` for context ``i``), for the inner loss.
+
+    Each document is tokenised with ``DOCUMENT_SEPARATOR`` appended and no special tokens,
+    then packed by :func:`pack_documents`. Every labelled position (all but each segment's
+    first token and padding) is an inner-loss target. Rows are right-padded with ``pad_id``
+    (default: the tokenizer's pad token); its value never matters under causal attention.
+    """
+    if not isinstance(contexts, (list, tuple)) or not contexts:
+        raise ValueError("contexts must be a non-empty list")
+    rows: list[list[int]] = []
+    adapters: list[int] = []
+    for index, context in enumerate(contexts):
+        documents = validate_context(context, name="context" if len(contexts) == 1 else f"context[{index}]")
+        # verbose=False: documents longer than the model window are expected here (they get split).
+        tokenised = tokenizer([d + DOCUMENT_SEPARATOR for d in documents], add_special_tokens=False, verbose=False)[
+            "input_ids"
+        ]
+        segments = pack_documents(tokenised, segment_len)
+        rows += segments
+        adapters += [index] * len(segments)
+    targets = [[True] * len(r) for r in rows]
+    return _rows_to_batch(rows, targets, adapters, len(contexts), _pad_id(tokenizer, pad_id))
+
+
+def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, context: str | None = None) -> str:
+    """The prompt text for ``question``: the chat template's user turn when the tokenizer has one,
+    else ``"Question: …\\nAnswer:"``. With ``context``, it is placed before the question (the
+    prompt-based baselines use this; PERK itself answers without the context)."""
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    body = f"Question: {question}"
+    if context is not None:
+        body = f"{context}\n\n{body}"
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": body}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{body}\nAnswer:"
+
+
+def answer_text(tokenizer: PreTrainedTokenizerBase, answer: str) -> str:
+    """How an answer follows the prompt: as the assistant turn (chat) or after a space."""
+    return answer if getattr(tokenizer, "chat_template", None) else f" {answer}"
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, max_len: int) -> list[int]:
+    """Token ids of the prompt of ``question``, or a ValueError when longer than ``max_len``."""
+    ids = tokenizer(build_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    if len(ids) > max_len:
+        raise ValueError(f"question is {len(ids)} tokens as a prompt, longer than the model window ({max_len})")
+    return ids
+
+
+def question_answer_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    answers: list[str],
+    max_len: int,
+    pad_id: int | None = None,
+) -> TokenBatch:
+    """Rows ``prompt + answer + eos`` (row ``i`` uses adapter ``i``), labelled on the answer and eos.
+
+    Raises a ValueError when a row is longer than ``max_len`` (the model window).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos token (needed to end answers)")
+    rows, targets = [], []
+    for i, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        if not isinstance(answer, str):
+            raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+        prompt = prompt_ids(tokenizer, question, max_len)
+        target = tokenizer(answer_text(tokenizer, answer), add_special_tokens=False)["input_ids"] + [eos]
+        if len(prompt) + len(target) > max_len:
+            raise ValueError(
+                f"problem {i}: question + answer are {len(prompt) + len(target)} tokens, "
+                f"longer than the model window ({max_len})"
+            )
+        rows.append(prompt + target)
+        targets.append([False] * len(prompt) + [True] * len(target))
+    return _rows_to_batch(rows, targets, list(range(len(rows))), len(rows), _pad_id(tokenizer, pad_id))
