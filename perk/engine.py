@@ -263,23 +263,53 @@ class PerkModel:
             raise ValueError(
                 f"a memory of {memory.n_adapters} contexts needs one question per context, got {len(questions)}"
             )
-        prompts = [prompt_ids(self.tokenizer, q, self._window()) for q in questions]
-        input_ids, attention_mask = self._left_pad(prompts)
+        prompts = [self.question_prompt(q) for q in questions]
         flat = memory.flat.to(self.device, self.dtype)
-        sequence_adapters = None if memory.n_adapters == 1 else torch.arange(len(questions), device=self.device)
+        answers = self.generate(prompts, flat, max_new_tokens=max_new_tokens)
+        return answers[0] if single else answers
+
+    def question_prompt(self, question: str) -> list[int]:
+        """Token ids of the prompt that asks ``question`` (no context), as answers are trained."""
+        return prompt_ids(self.tokenizer, question, self.window)
+
+    def generate(self, prompts: list[list[int]], adapter: torch.Tensor | None, max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of token-id ``prompts``, stripped (and cut at a newline when
+        ``config.answer_stop_at_newline``). ``adapter``: None for the base model alone, a flat
+        (1, P) adapter for every prompt, or (len(prompts), P), one per prompt."""
+        input_ids, attention_mask = self._left_pad(prompts)
+        sequence_adapters = None
+        if adapter is not None and adapter.shape[0] > 1:
+            if adapter.shape[0] != len(prompts):
+                raise ValueError(f"adapter has {adapter.shape[0]} rows for {len(prompts)} prompts")
+            sequence_adapters = torch.arange(len(prompts), device=self.device)
         generation = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self._stop_token_ids(),
-            pad_token_id=self._pad_id(), bos_token_id=None,
+            pad_token_id=self.pad_id, bos_token_id=None,
         )
-        with torch.no_grad(), self.context.active(self.layout.module_views(flat), sequence_adapters):
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation
-            )
+        with torch.no_grad(), self.adapter_active(adapter, sequence_adapters):
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
         if self.config.answer_stop_at_newline:
             texts = [t.split("\n", 1)[0] for t in texts]
-        answers = [t.strip() for t in texts]
-        return answers[0] if single else answers
+        return [t.strip() for t in texts]
+
+    def adapter_active(self, adapter: torch.Tensor | None, sequence_adapters: torch.Tensor | None = None):
+        """Context manager: the model's forward applies the flat ``adapter`` (n, P) (None: the
+        plain base model); ``sequence_adapters`` picks each sequence's row when n > 1."""
+        if adapter is None:
+            return contextlib.nullcontext()
+        views = self.layout.module_views(adapter.to(self.device, self.dtype))
+        return self.context.active(views, sequence_adapters)
+
+    def initial_adapter(self, seed: int) -> torch.Tensor:
+        """A fresh (P,) adapter initialised as LoRA does (A random, B = 0), e.g. for a baseline."""
+        return self._initial_adapter(torch.Generator().manual_seed(seed)).to(self.device)
+
+    def adapter_loss_and_grad(self, batch: TokenBatch, adapter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ loss_weights·NLL per adapter of ``batch`` under the flat ``adapter`` (n, P), and its
+        gradient w.r.t. ``adapter`` (accumulated over ``micro_batch_tokens`` chunks)."""
+        result = self._pass(batch, adapter.detach().to(self.device, self.dtype), grad=True)
+        return result.losses, result.grad
 
     def meta_loss(self, problems: list[dict]) -> torch.Tensor:
         """Mean answer NLL over ``problems`` after the inner loop (forward only, no graph)."""
@@ -361,9 +391,16 @@ class PerkModel:
                     direction.detach(), step_lr.detach(),
                     phi.detach().clone() if keep else None, precondition if keep else None,
                 ))
-            # φ ← φ − α ⊙ d: α expanded from groups to elements (one gather, one fused update).
-            update = step_lr[:, self.group_index].to(phi.dtype) * direction
-            phi = phi - update if differentiable else phi.sub_(update)
+            # φ ← φ − α ⊙ d. Without a graph: one fused launch over every tensor group, in place
+            # in the flat buffer. With one (exact mode): the same update as differentiable ops on
+            # the flat buffer (α expanded from groups to elements), which autograd goes through.
+            if differentiable:
+                phi = phi - step_lr[:, self.group_index].to(phi.dtype) * direction
+            else:
+                perk_kernels.lora_inner_step(
+                    self.layout.tensor_views(phi), self.layout.tensor_views(direction), step_lr,
+                    inplace=True, backend=self.context.backend,
+                )
         stats = PerkStats(losses, None, segments.n_tokens, config.inner_steps, skipped)
         return phi, records, stats
 
@@ -517,7 +554,7 @@ class PerkModel:
     def _segments(self, contexts: list) -> TokenBatch:
         if not isinstance(contexts, (list, tuple)) or not contexts:
             raise TypeError("contexts must be a non-empty list of contexts")
-        segments = context_segments(self.tokenizer, list(contexts), self.config.segment_len, self._filler_id())
+        segments = context_segments(self.tokenizer, list(contexts), self.config.segment_len, self.filler_id)
         return segments.to(self.device)
 
     def _problem_batches(self, problems: list[dict]) -> tuple[TokenBatch, TokenBatch]:
@@ -533,8 +570,8 @@ class PerkModel:
             validate_context(problem["context"], name=f"problems[{i}]['context']")
         segments = self._segments([p["context"] for p in problems])
         answers = question_answer_batch(
-            self.tokenizer, [p["question"] for p in problems], [p["answer"] for p in problems], self._window(),
-            self._filler_id(),
+            self.tokenizer, [p["question"] for p in problems], [p["answer"] for p in problems], self.window,
+            self.filler_id,
         )
         # The outer loss is the mean over problems of each problem's mean answer NLL.
         answers.loss_weights /= len(problems)
@@ -544,7 +581,9 @@ class PerkModel:
         if not losses.isfinite().all():
             raise FloatingPointError(f"non-finite outer loss {losses.tolist()}")
 
-    def _window(self) -> int:
+    @property
+    def window(self) -> int:
+        """The model's context window in tokens."""
         config = self.model.config
         for name in ("max_position_embeddings", "n_positions"):
             value = getattr(config, name, None)
@@ -552,7 +591,8 @@ class PerkModel:
                 return int(value)
         return int(self.tokenizer.model_max_length)
 
-    def _filler_id(self) -> int:
+    @property
+    def filler_id(self) -> int:
         """Token id for right padding of loss batches. Causal attention never lets a real token
         see right padding, so any id works; one other than the model's pad id keeps transformers
         from warning that an attention mask is missing (none is needed, and SDPA stays causal)."""
@@ -560,7 +600,9 @@ class PerkModel:
         candidates = (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, 0, 1)
         return next(c for c in candidates if c is not None and c != pad)
 
-    def _pad_id(self) -> int:
+    @property
+    def pad_id(self) -> int:
+        """Left-padding id for generation (the tokenizer's pad, else eos)."""
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
 
@@ -575,7 +617,7 @@ class PerkModel:
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.int64)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
         for i, row in enumerate(rows):
             input_ids[i, width - len(row) :] = torch.tensor(row)

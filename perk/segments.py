@@ -96,7 +96,7 @@ def pack_documents(documents: list[list[int]], segment_len: int) -> list[list[in
     return segments
 
 
-def _rows_to_batch(
+def rows_to_batch(
     rows: list[list[int]], targets: list[list[bool]], row_adapters: list[int], n_adapters: int, pad_id: int
 ) -> TokenBatch:
     """Right-pad token rows; position t is labelled with token t+1 where ``targets[row][t+1]``."""
@@ -150,7 +150,7 @@ def context_segments(
         rows += segments
         adapters += [index] * len(segments)
     targets = [[True] * len(r) for r in rows]
-    return _rows_to_batch(rows, targets, adapters, len(contexts), _pad_id(tokenizer, pad_id))
+    return rows_to_batch(rows, targets, adapters, len(contexts), _pad_id(tokenizer, pad_id))
 
 
 def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, context: str | None = None) -> str:
@@ -208,4 +208,4 @@ def question_answer_batch(
             )
         rows.append(prompt + target)
         targets.append([False] * len(prompt) + [True] * len(target))
-    return _rows_to_batch(rows, targets, list(range(len(rows))), len(rows), _pad_id(tokenizer, pad_id))
+    return rows_to_batch(rows, targets, list(range(len(rows))), len(rows), _pad_id(tokenizer, pad_id))

@@ -8,20 +8,28 @@ Semantics::
                             adapter a's gradients over all tensors (c = 1 without clipping)
     out[i][a]             = params[i][a] − lr[a, i] · (c[a] · grads[i][a] + weight_decay · params[i][a])
 
+Memory layout: every tensor only needs each adapter's slice ``t[a]`` to be contiguous; the
+adapter stride ``t.stride(0)`` is free. So params and grads may be views of one flat
+(n_adapters, P) buffer, ``flat[:, start:end].unflatten(1, shape)`` (stride(0) = P), and
+``inplace=True`` then updates that buffer through the views. Inputs whose slices are not
+contiguous are copied (out-of-place) or rejected with a ValueError (``inplace=True``).
+
 The Triton path handles any number of separate tensors in a constant number of launches: a
-device table of data pointers (one row per tensor) and a table of chunks (tensor, adapter,
-element range) drive one 1-D grid; kernels turn the int64 addresses back into typed pointers.
-Chunks are ordered by adapter, then tensor, so per-(adapter, tensor) sums are written to fixed
-slots and reduced in a fixed order (deterministic, no atomics).
+device table of data pointers (one row per (adapter, tensor) pair: the address of ``t[a]``) and
+a table of chunks (pair, adapter, element range within the slice) drive one 1-D grid; kernels
+turn the int64 addresses back into typed pointers. Chunks are ordered by adapter, then tensor,
+so per-(adapter, tensor) sums are written to fixed slots and reduced in a fixed order
+(deterministic, no atomics).
 
 Launches, whatever the number of tensors: forward 1 Triton kernel (+1 norm kernel and a few
 tiny (n_adapters,)-sized torch ops when clipping); backward at most 2 Triton kernels.
-Out-of-place outputs are views of one flat buffer (one allocation).
+Out-of-place outputs are contiguous views of one flat buffer (one allocation).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -32,7 +40,7 @@ from perk_kernels._utils import check_finite_scalar, check_tensor, choose_backen
 
 # Reference and kernels add this to the norm before dividing (no division by zero for zero grads).
 CLIP_EPS = 1e-6
-_CHUNK_COLUMNS = 5  # tensor, adapter, start, end, slot
+_CHUNK_COLUMNS = 5  # pair (= adapter·n_tensors + tensor), adapter, start, end, slot
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -41,7 +49,7 @@ _CHUNK_COLUMNS = 5  # tensor, adapter, start, end, slot
 
 @triton.jit
 def _chunk(chunks_ptr, ALIGN: tl.constexpr):
-    """(tensor, adapter, start, end, slot) of this program's chunk."""
+    """(pair, adapter, start, end, slot) of this program's chunk (pair = adapter·n_tensors + tensor)."""
     row = chunks_ptr + tl.program_id(0) * 5
     start = tl.load(row + 2)
     end = tl.load(row + 3)
@@ -53,9 +61,9 @@ def _chunk(chunks_ptr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tensor_ptr(table_ptr, tensor, like_ptr, ALIGN: tl.constexpr):
-    """The typed data pointer of tensor ``tensor`` from an int64 address table."""
-    ptr = tl.load(table_ptr + tensor).to(like_ptr.dtype, bitcast=True)
+def _tensor_ptr(table_ptr, pair, like_ptr, ALIGN: tl.constexpr):
+    """The typed pointer to one adapter's slice of one tensor, from an int64 address table."""
+    ptr = tl.load(table_ptr + pair).to(like_ptr.dtype, bitcast=True)
     if ALIGN > 1:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -66,8 +74,8 @@ def _sq_norm_kernel(
     chunks_ptr, grad_table, like_ptr, partial_ptr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr
 ):
     """partial[slot] = Σ g² over one chunk."""
-    tensor, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
-    g_ptr = _tensor_ptr(grad_table, tensor, like_ptr, ALIGN)
+    pair, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
+    g_ptr = _tensor_ptr(grad_table, pair, like_ptr, ALIGN)
     acc = tl.zeros((BLOCK,), dtype=ACC)
     for s in range(start, end, BLOCK):
         offs = s + tl.arange(0, BLOCK)
@@ -78,16 +86,15 @@ def _sq_norm_kernel(
 
 @triton.jit
 def _inner_step_kernel(
-    chunks_ptr, param_table, grad_table, out_table, like_ptr, lr_ptr, clip_ptr,
-    n_tensors, weight_decay,
+    chunks_ptr, param_table, grad_table, out_table, like_ptr, lr_ptr, clip_ptr, weight_decay,
     CLIP: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out = p − lr[a, i] · (clip[a] · g + weight_decay · p) over one chunk (out may alias p)."""
-    tensor, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
-    p_ptr = _tensor_ptr(param_table, tensor, like_ptr, ALIGN)
-    g_ptr = _tensor_ptr(grad_table, tensor, like_ptr, ALIGN)
-    out_ptr = _tensor_ptr(out_table, tensor, like_ptr, ALIGN)
-    lr = tl.load(lr_ptr + adapter * n_tensors + tensor).to(ACC)
+    pair, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
+    p_ptr = _tensor_ptr(param_table, pair, like_ptr, ALIGN)
+    g_ptr = _tensor_ptr(grad_table, pair, like_ptr, ALIGN)
+    out_ptr = _tensor_ptr(out_table, pair, like_ptr, ALIGN)
+    lr = tl.load(lr_ptr + pair).to(ACC)  # lr is a contiguous (n_adapters, n_tensors) table
     clip = tl.load(clip_ptr + adapter).to(ACC) if CLIP else 1.0
     for s in range(start, end, BLOCK):
         offs = s + tl.arange(0, BLOCK)
@@ -104,10 +111,10 @@ def _step_dots_kernel(
     NEED_DP: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """dg_partial[slot] = ⟨d, g⟩ and dp_partial[slot] = ⟨d, p⟩ over one chunk (d = ∂L/∂out)."""
-    tensor, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
-    d_ptr = _tensor_ptr(dout_table, tensor, like_ptr, ALIGN)
-    g_ptr = _tensor_ptr(grad_table, tensor, like_ptr, ALIGN)
-    p_ptr = _tensor_ptr(param_table, tensor, like_ptr, ALIGN)
+    pair, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
+    d_ptr = _tensor_ptr(dout_table, pair, like_ptr, ALIGN)
+    g_ptr = _tensor_ptr(grad_table, pair, like_ptr, ALIGN)
+    p_ptr = _tensor_ptr(param_table, pair, like_ptr, ALIGN)
     acc_g = tl.zeros((BLOCK,), dtype=ACC)
     acc_p = tl.zeros((BLOCK,), dtype=ACC)
     for s in range(start, end, BLOCK):
@@ -125,18 +132,18 @@ def _step_dots_kernel(
 @triton.jit
 def _step_backward_kernel(
     chunks_ptr, dout_table, grad_table, dparam_table, dgrad_table, like_ptr, lr_ptr, clip_ptr, coef_ptr,
-    n_tensors, weight_decay,
+    weight_decay,
     NEED_DPARAM: tl.constexpr, NEED_DGRAD: tl.constexpr, CLIP: tl.constexpr,
     ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """dparam = d · (1 − lr·wd);  dgrad = −lr · clip · d + coef[a] · g  (coef: clipping's own term)."""
-    tensor, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
+    pair, adapter, start, end, slot = _chunk(chunks_ptr, ALIGN)
     # Tables of outputs that are not needed hold valid dummy addresses; they are never written.
-    d_ptr = _tensor_ptr(dout_table, tensor, like_ptr, ALIGN)
-    g_ptr = _tensor_ptr(grad_table, tensor, like_ptr, ALIGN)
-    dparam_ptr = _tensor_ptr(dparam_table, tensor, like_ptr, ALIGN)
-    dgrad_ptr = _tensor_ptr(dgrad_table, tensor, like_ptr, ALIGN)
-    lr = tl.load(lr_ptr + adapter * n_tensors + tensor).to(ACC)
+    d_ptr = _tensor_ptr(dout_table, pair, like_ptr, ALIGN)
+    g_ptr = _tensor_ptr(grad_table, pair, like_ptr, ALIGN)
+    dparam_ptr = _tensor_ptr(dparam_table, pair, like_ptr, ALIGN)
+    dgrad_ptr = _tensor_ptr(dgrad_table, pair, like_ptr, ALIGN)
+    lr = tl.load(lr_ptr + pair).to(ACC)  # lr is a contiguous (n_adapters, n_tensors) table
     clip = tl.load(clip_ptr + adapter).to(ACC) if CLIP else 1.0
     coef = tl.load(coef_ptr + adapter).to(ACC) if CLIP else 0.0
     out_ty = like_ptr.dtype.element_ty
@@ -169,12 +176,14 @@ def _block_sizes() -> tuple[int, int]:
 def _chunk_table(
     per_adapter: tuple[int, ...], n_adapters: int, chunk: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
-    """(n_chunks, 5) int64 [tensor, adapter, start, end, slot] ordered by adapter then tensor, and
-    the number of slots per (adapter, tensor) pair (slot = (adapter·n_tensors + tensor)·that + c)."""
+    """(n_chunks, 5) int64 [pair, adapter, start, end, slot] ordered by adapter then tensor, and
+    the number of slots per pair (pair = adapter·n_tensors + tensor, slot = pair·slots + c).
+
+    start and end count elements from the start of the adapter's slice ``t[a]``."""
     n_tensors = len(per_adapter)
     slots = max(1, max(triton.cdiv(n, chunk) for n in per_adapter))
     rows = [
-        (i, a, a * n + c * chunk, min(a * n + (c + 1) * chunk, (a + 1) * n), (a * n_tensors + i) * slots + c)
+        (a * n_tensors + i, a, c * chunk, min((c + 1) * chunk, n), (a * n_tensors + i) * slots + c)
         for a in range(n_adapters)
         for i, n in enumerate(per_adapter)
         for c in range(triton.cdiv(n, chunk))
@@ -190,15 +199,38 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table
 
 
-def _address_table(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), device)
+def _address_table(tensors: list[torch.Tensor], n_adapters: int, device: torch.device) -> torch.Tensor:
+    """(n_adapters·n_tensors,) int64: the address of ``tensors[i][a]`` at row a·n_tensors + i."""
+    bases = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+    adapter_bytes = torch.tensor([t.stride(0) * t.element_size() for t in tensors], dtype=torch.int64)
+    table = bases + torch.arange(n_adapters, dtype=torch.int64)[:, None] * adapter_bytes
+    return _to_device(table.reshape(-1), device)
 
 
 def _aligned(tensors: list[torch.Tensor], per_adapter: tuple[int, ...], chunk: int) -> int:
-    """Vector width the kernels may assume (16-byte aligned addresses and chunk starts), else 1."""
+    """Vector width the kernels may assume (16-byte aligned slice addresses and chunk ends), else 1."""
     elements = 16 // tensors[0].element_size()
-    ok = all(t.data_ptr() % 16 == 0 for t in tensors) and all(n % elements == 0 for n in per_adapter)
+    ok = all(
+        t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % elements == 0) for t in tensors
+    ) and all(n % elements == 0 for n in per_adapter)
     return elements if ok and chunk % elements == 0 else 1
+
+
+def _slices_contiguous(t: torch.Tensor) -> bool:
+    """Whether every adapter slice ``t[a]`` is contiguous (the adapter stride ``t.stride(0)`` is free)."""
+    if 0 in t.shape[1:]:
+        return True  # nothing to address
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _with_contiguous_slices(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where the kernels can address it (views of a flat buffer included), else a copy."""
+    return t if _slices_contiguous(t) else t.contiguous()
 
 
 class _StepPlan:
@@ -208,7 +240,7 @@ class _StepPlan:
         self.device = params[0].device
         self.n_adapters = params[0].shape[0]
         self.n_tensors = len(params)
-        self.per_adapter = tuple(p[0].numel() for p in params)
+        self.per_adapter = tuple(math.prod(p.shape[1:]) for p in params)
         self.block, chunk = _block_sizes()
         self.chunks, self.slots = _chunk_table(self.per_adapter, self.n_adapters, chunk, self.device)
         self.n_chunks = self.chunks.shape[0]
@@ -218,7 +250,7 @@ class _StepPlan:
         self.align = _aligned(params + extra, self.per_adapter, chunk)
 
     def table(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return _address_table(tensors, self.device)
+        return _address_table(tensors, self.n_adapters, self.device)
 
     def flat_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Fresh tensors shaped like ``params``: views of one flat buffer (one allocation, aligned)."""
@@ -259,7 +291,7 @@ def _step_forward(plan, params, grads, outs, lr_table, weight_decay, max_grad_no
     plan.launch(
         _inner_step_kernel,
         plan.table(params), grad_table, plan.table(outs), plan.like, lr_table,
-        clip if clip is not None else lr_table, plan.n_tensors, weight_decay,
+        clip if clip is not None else lr_table, weight_decay,
         CLIP=clip is not None,
     )  # fmt: skip
     return sq_norms
@@ -292,7 +324,7 @@ class _InnerStepFunction(torch.autograd.Function):
         need_lr = ctx.needs_input_grad[0]
         need_dparam = any(ctx.needs_input_grad[4 : 4 + n_tensors])
         need_dgrad = any(ctx.needs_input_grad[4 + n_tensors :])
-        douts = [d.contiguous() for d in douts]
+        douts = [_with_contiguous_slices(d) for d in douts]
         plan = _StepPlan(params, grads + douts)
         clipping = max_grad_norm is not None
         clip = _clip_factors(sq_norms, max_grad_norm) if clipping else None
@@ -332,7 +364,7 @@ class _InnerStepFunction(torch.autograd.Function):
                 plan.table(d_params) if need_dparam else dout_table,
                 plan.table(d_grads) if need_dgrad else dout_table,
                 plan.like, lr_table, clip if clipping else lr_table, coef if coef is not None else lr_table,
-                n_tensors, weight_decay,
+                weight_decay,
                 NEED_DPARAM=need_dparam, NEED_DGRAD=need_dgrad, CLIP=clipping,
             )  # fmt: skip
         return (d_lr, None, None, None, *(d_params or [None] * n_tensors), *(d_grads or [None] * n_tensors))
@@ -396,6 +428,22 @@ def _check_inputs(params, grads, lr, weight_decay, max_grad_norm) -> None:
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
 
 
+def _check_inplace_layout(params: list[torch.Tensor]) -> None:
+    """The kernel writes params through their adapter slices: each contiguous, none overlapping."""
+    for i, p in enumerate(params):
+        if not _slices_contiguous(p):
+            raise ValueError(
+                f"params[{i}] must have contiguous adapter slices (params[{i}][a] contiguous) for "
+                f"inplace=True, got shape {tuple(p.shape)} and strides {p.stride()}"
+            )
+        per_adapter = math.prod(p.shape[1:])
+        if p.shape[0] > 1 and per_adapter > 0 and p.stride(0) < per_adapter:
+            raise ValueError(
+                f"params[{i}]'s adapter slices overlap in memory (stride(0)={p.stride(0)} < {per_adapter} "
+                "elements per adapter); inplace=True needs each adapter stored separately"
+            )
+
+
 def lora_inner_step_reference(params, grads, lr, *, weight_decay=0.0, max_grad_norm=None, inplace=False):
     """Plain-torch oracle of :func:`lora_inner_step` (same signature; twice differentiable)."""
     n_adapters = params[0].shape[0]
@@ -434,14 +482,19 @@ def lora_inner_step(
     """One SGD step on all adapter tensors at once: ``φ − lr · (c·g + weight_decay · φ)``.
 
     Args:
-        params: tensors of shape (n_adapters, ...), all of one float dtype and device.
-        grads: their gradients, same shapes and dtype.
+        params: tensors of shape (n_adapters, ...), all of one float dtype and device. Views
+            such as ``flat[:, start:end].unflatten(1, shape)`` of one (n_adapters, P) buffer
+            work without copies: only each adapter's slice ``params[i][a]`` must be contiguous.
+        grads: their gradients, same shapes and dtype (any layout; slices that are not
+            contiguous are copied).
         lr: a finite float, a (n_tensors,) tensor (one rate per tensor) or an
             (n_adapters, n_tensors) tensor (per adapter and tensor).
         weight_decay: coupled L2 decay λ (the update uses g + λφ).
         max_grad_norm: if given, each adapter's gradients are scaled by
             c = min(1, max_grad_norm / (‖g_adapter‖ + 1e-6)), the norm taken over all its tensors.
         inplace: update ``params`` in place and return them (not differentiable: truncated steps).
+            Views write through to their base buffer. On the Triton backend each params[i][a]
+            must be contiguous and the adapters must not overlap (else a ValueError).
             Otherwise return new tensors, differentiable w.r.t. params, grads and lr (unrolled
             steps; the Triton backward is once-differentiable, the "torch" one twice).
         backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`).
@@ -458,16 +511,14 @@ def lora_inner_step(
     params, grads = list(params), list(grads)
     acc_dtype = torch.promote_types(params[0].dtype, torch.float32)
     lr_table = _lr_table(lr, params[0].shape[0], len(params), params[0]).to(acc_dtype).contiguous()
-    grads = [g.contiguous() for g in grads]
+    grads = [_with_contiguous_slices(g) for g in grads]
     if inplace:
-        for i, p in enumerate(params):
-            if not p.is_contiguous():
-                raise ValueError(f"params[{i}] must be contiguous for inplace=True")
+        _check_inplace_layout(params)
         with torch.no_grad():
             plan = _StepPlan(params, grads)
             _step_forward(plan, params, grads, params, lr_table, weight_decay, max_grad_norm)
         for p in params:
             torch.autograd.graph.increment_version(p)  # the kernel wrote p: invalidate saved copies
         return params
-    params = [p.contiguous() for p in params]
+    params = [_with_contiguous_slices(p) for p in params]
     return list(_InnerStepFunction.apply(lr_table, weight_decay, max_grad_norm, len(params), *params, *grads))

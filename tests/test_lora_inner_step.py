@@ -1,6 +1,7 @@
 """lora_inner_step: the multi-tensor Triton step (interpreter on CPU) against the plain-torch reference."""
 
 import importlib
+import math
 import types
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import perk_kernels
 import perk_kernels.lora_inner_step  # noqa: F401  (the statement form must work)
 from perk_kernels import lora_inner_step, lora_inner_step_reference
-from perk_kernels.lora_inner_step import _StepPlan
+from perk_kernels.lora_inner_step import _slices_contiguous, _StepPlan
 
 CUDA = torch.cuda.is_available()
 # Odd per-adapter sizes against the interpreter's 64-element blocks and 128-element chunks,
@@ -118,8 +119,107 @@ def test_non_contiguous_tensors():
     params_t, grads_t = [params[0].transpose(1, 2)], [grads[0].transpose(1, 2)]
     out = lora_inner_step(params_t, grads_t, 0.1, backend="triton")
     assert_all_close(out, lora_inner_step_reference(params_t, grads_t, 0.1), "transposed")
-    with pytest.raises(ValueError, match=r"params\[0\]"):
+    with pytest.raises(ValueError, match=r"params\[0\] must have contiguous adapter slices"):
         lora_inner_step(params_t, grads_t, 0.1, inplace=True, backend="triton")
+
+
+# The engine's layout: each tensor group a view flat[:, start:end].unflatten(1, shape) of one
+# (n_adapters, P) buffer, so stride(0) = P. "odd": unaligned offsets and sizes, with untouched
+# columns before and after; "aligned": 16-byte aligned slices, so the kernels' vector path runs.
+FLAT_LAYOUTS = {
+    "odd": dict(shapes=[(5, 7), (300,), (1,), (3, 43)], lead=1, tail=2),
+    "aligned": dict(shapes=[(4, 9), (2, 64), (8,)], lead=0, tail=0),
+}
+
+
+def flat_views(flat, shapes, lead, tail):
+    """Views of ``flat`` laid out like perk.lora.AdapterLayout.tensor_views (after ``lead`` columns)."""
+    ends = [lead + sum(math.prod(s) for s in shapes[: i + 1]) for i in range(len(shapes))]
+    assert flat.shape[1] == ends[-1] + tail
+    return [flat[:, end - math.prod(s) : end].unflatten(1, s) for s, end in zip(shapes, ends)]
+
+
+def make_flat(layout, seed, dtype=torch.float32):
+    width = layout["lead"] + sum(math.prod(s) for s in layout["shapes"]) + layout["tail"]
+    return torch.randn(N_ADAPTERS, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 2.0])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout_name", FLAT_LAYOUTS)
+def test_inplace_through_views_of_a_flat_buffer(layout_name, backend, max_grad_norm):
+    layout = FLAT_LAYOUTS[layout_name]
+    flat, direction = make_flat(layout, seed=1), make_flat(layout, seed=2)
+    params = flat_views(flat, **layout)
+    grads = flat_views(direction, **layout)
+    assert N_ADAPTERS > 1 and not any(p.is_contiguous() for p in params)  # really strided views
+    lr = make_lr("per_adapter_tensor", n_tensors=len(params))
+    kwargs = dict(weight_decay=0.05, max_grad_norm=max_grad_norm)
+    expected_flat = flat.clone()
+    for view, out in zip(flat_views(expected_flat, **layout), lora_inner_step_reference(params, grads, lr, **kwargs)):
+        view.copy_(out)
+    assert not torch.equal(expected_flat, flat)
+    version = flat._version
+
+    out = lora_inner_step(params, grads, lr, inplace=True, backend=backend, **kwargs)
+
+    assert all(o is p for o, p in zip(out, params))
+    assert flat._version > version  # the base's saved copies are invalidated too
+    torch.testing.assert_close(flat, expected_flat, rtol=1e-6, atol=1e-6)  # padding columns untouched too
+
+
+def test_aligned_flat_layout_takes_the_vector_path():
+    """Guards the "aligned" case above: strided views must still allow vector loads."""
+    layout = FLAT_LAYOUTS["aligned"]
+    params = flat_views(make_flat(layout, seed=1), **layout)
+    assert _StepPlan(params, []).align == 4
+    odd = FLAT_LAYOUTS["odd"]
+    assert _StepPlan(flat_views(make_flat(odd, seed=1), **odd), []).align == 1
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 2.0])
+@pytest.mark.parametrize("layout_name", FLAT_LAYOUTS)
+def test_out_of_place_and_gradients_through_views_of_a_flat_buffer(layout_name, max_grad_norm):
+    layout = FLAT_LAYOUTS[layout_name]
+    flat = make_flat(layout, seed=1).requires_grad_()
+    direction = make_flat(layout, seed=2).requires_grad_()
+    lr = make_lr("per_adapter_tensor", n_tensors=len(layout["shapes"]), requires_grad=True)
+    kwargs = dict(weight_decay=0.1, max_grad_norm=max_grad_norm)
+    params, grads = flat_views(flat, **layout), flat_views(direction, **layout)
+    out = lora_inner_step(params, grads, lr, backend="triton", **kwargs)
+    out_ref = lora_inner_step_reference(params, grads, lr, **kwargs)
+    assert all(o.is_contiguous() for o in out)
+    assert_all_close([o.detach() for o in out], [o.detach() for o in out_ref], "out")
+    d_out = flat_views(make_flat(layout, seed=3), **layout)  # strided upstream gradients as well
+    got = torch.autograd.grad(out, [flat, direction, lr], d_out)
+    want = torch.autograd.grad(out_ref, [flat, direction, lr], d_out)
+    assert_all_close(got, want, "d flat, d direction, d lr", rtol=1e-5, atol=1e-5)
+
+
+def test_broadcast_params_out_of_place_and_overlapping_params_in_place():
+    """An expanded initialisation (stride(0) = 0) is read without a copy but cannot be written."""
+    init = torch.randn(4, 5)
+    params, grads = [init.expand(N_ADAPTERS, 4, 5)], [torch.randn(N_ADAPTERS, 4, 5)]
+    out = lora_inner_step(params, grads, 0.3, backend="triton")
+    assert_all_close(out, lora_inner_step_reference(params, grads, 0.3), "broadcast")
+    with pytest.raises(ValueError, match=r"params\[0\]'s adapter slices overlap"):
+        lora_inner_step(params, grads, 0.3, inplace=True, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda: torch.zeros(3, 10)[:, 1:7].unflatten(1, (2, 3)), True),  # flat-buffer view
+        (lambda: torch.zeros(4, 5).expand(3, 4, 5), True),  # adapter stride 0
+        (lambda: torch.zeros(3, 1, 5).transpose(1, 2), True),  # size-1 dim with stride 5
+        (lambda: torch.zeros(3, 0, 4).transpose(1, 2), True),  # empty slices
+        (lambda: torch.zeros(3, 6, 5).transpose(1, 2), False),
+        (lambda: torch.zeros(3, 8)[:, ::2], False),
+        (lambda: torch.zeros(3, 1, 5).expand(3, 4, 5), False),  # repeated rows within an adapter
+    ],
+)
+def test_slice_layout_predicate(make, expected):
+    assert _slices_contiguous(make()) is expected
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 2.0])
