@@ -112,7 +112,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: A
         meaning = f.metadata.get("help", "")
         group.add_argument(
             f"--{key}", dest=f"cfg:{key}", metavar=_metavar(kind), default=argparse.SUPPRESS,
-            help=f"{meaning} (default: {_format_default(default)})",
+            help=f"{meaning} (default: {_format_default(default)})".replace("%", "%%"),
         )
 
 

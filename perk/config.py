@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from perk.cli import field as option
+
 # Default LoRA targets: every attention and MLP projection of the Llama family (Llama, Qwen2,
 # Mistral, SmolLM) and of GPT-2 (whose fused qkv `c_attn` and both `c_proj` are Conv1D layers).
 # Only the names present in a model are used; matching follows PEFT (the module's last name).
@@ -58,28 +60,28 @@ class PerkConfig:
     e.g. in gradient checks); the base model keeps its own dtype.
     """
 
-    rank: int = 16
-    alpha: float = 16.0
-    rslora: bool = False
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    segment_len: int = 128
-    inner_steps: int = 4
-    unroll_steps: int = 2
-    inner_lr: float | None = None
-    inner_optimizer: str = "sgd"
-    inner_weight_decay: float = 0.0
-    inner_max_grad_norm: float | None = None
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    meta_grad: str = "fd"
-    fd_epsilon: float = 1e-3
-    token_weighting: bool = False
-    weighting_hidden: int = 32
-    micro_batch_tokens: int = 4096
-    on_nonfinite: str = "raise"
-    answer_stop_at_newline: bool = True
-    dtype: str = "float32"
-    seed: int = 0
+    rank: int = option(16, "LoRA rank r")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha/r, or alpha/sqrt(r) with rslora)")
+    rslora: bool = option(False, "rank-stabilised LoRA scaling")
+    target_modules: tuple[str, ...] = option(DEFAULT_TARGETS, "names of the linear layers that get an adapter")
+    segment_len: int = option(128, "tokens per context segment")
+    inner_steps: int = option(4, "inner SGD steps N that write the context into the adapter")
+    unroll_steps: int = option(2, "last T inner steps the meta-gradient flows through")
+    inner_lr: float | None = option(None, "initial inner learning rate lr0 (none: 0.3 for sgd, 1e-3 for adamw)")
+    inner_optimizer: str = option("sgd", "inner optimizer: sgd or adamw")
+    inner_weight_decay: float = option(0.0, "decoupled weight decay of the inner steps")
+    inner_max_grad_norm: float | None = option(None, "per-adapter gradient clipping of the inner steps (none: off)")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas of the inner steps")
+    adam_eps: float = option(1e-8, "AdamW epsilon of the inner steps")
+    meta_grad: str = option("fd", "Hessian-vector products of the meta-gradient: fd, exact or first_order")
+    fd_epsilon: float = option(1e-3, "finite-difference step of the fd mode")
+    token_weighting: bool = option(False, "meta-learn weights on the context tokens' losses")
+    weighting_hidden: int = option(32, "hidden units of the token-weighting MLP")
+    micro_batch_tokens: int = option(4096, "segment tokens per forward/backward (bounds activation memory)")
+    on_nonfinite: str = option("raise", "a non-finite inner loss: raise, or skip the step with a warning")
+    answer_stop_at_newline: bool = option(True, "stop generated answers at the first newline")
+    dtype: str = option("float32", "dtype of adapters and meta-parameters: float32 or float64")
+    seed: int = option(0, "seed of the adapter initialisation")
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)

@@ -438,7 +438,7 @@ class PerkModel:
             records, outer.grad, gradient_at, group_index=self.group_index, group_sizes=self.group_sizes,
             weight_decay=config.inner_weight_decay, fd_epsilon=config.fd_epsilon,
             token_weight_scale=None if weights is None else segments.loss_weights.to(self.dtype),
-            row_adapters=segments.row_adapters,
+            row_adapters=segments.row_adapters, backend=self.context.backend,
         )
         stats.passes += 2 * unroll
         grads = {

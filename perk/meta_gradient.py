@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+import perk_kernels
 from perk.config import PerkConfig
 
 
@@ -111,12 +112,6 @@ class InnerOptimizer:
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
-def group_dot(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-    """(n_adapters, G) ``Σ_{elements of group k} a·b`` per adapter, deterministic (no atomics)."""
-    lengths = group_sizes.expand(a.shape[0], -1)
-    return torch.segment_reduce(a * b, "sum", lengths=lengths, axis=1)
-
-
 def walk_back(
     records: list[InnerStepRecord],
     outer_grad: torch.Tensor,
@@ -128,6 +123,7 @@ def walk_back(
     fd_epsilon: float,
     token_weight_scale: torch.Tensor | None = None,
     row_adapters: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> MetaGradient:
     """The reverse pass of DESIGN §4 with finite-difference Hessian-vector products.
 
@@ -141,16 +137,23 @@ def walk_back(
         token_weight_scale: (rows, seq) c_t·w-free factor of each token in L_in (its loss
             weight), to return ∂L/∂w; None when there is no token weighting.
         row_adapters: (rows,) adapter of each context row (with ``token_weight_scale``).
+        backend: kernel backend of ``perk_kernels.meta_grad_accumulate`` (None: automatic).
     """
     v = outer_grad.clone()
     n_steps = len(records)
     lr_grad = torch.zeros(n_steps, v.shape[0], group_sizes.numel(), dtype=v.dtype, device=v.device)
     token_grad = None if token_weight_scale is None else torch.zeros_like(token_weight_scale)
+    split_sizes = group_sizes.tolist()
+
+    def by_group(flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(flat.split(split_sizes, dim=1))  # (n_adapters, size_k) views of the flat buffer
+
+    v_groups = by_group(v)  # updated in place through these views
     for n in reversed(range(n_steps)):
         record = records[n]
         scaled = record.lr[:, group_index].to(v.dtype) * v  # α_n ⊙ v_{n+1}
-        # ∂α_n uses v_{n+1}: before v is updated below.
-        lr_grad[n] = -group_dot(record.direction, v, group_sizes)
+        # One fused op per step: ∂α_n = −⟨d_n, v_{n+1}⟩ per group (with v before its update),
+        # then v ← v − ‖u‖/2ε · (g⁺ − g⁻) for unrolled steps.
         if record.phi is not None:
             u = record.precondition * scaled  # (n_adapters, P)
             norm = u.norm(dim=1, keepdim=True)
@@ -158,10 +161,17 @@ def walk_back(
             grad_plus, losses_plus = gradient_at(record.phi + fd_epsilon * unit)
             grad_minus, losses_minus = gradient_at(record.phi - fd_epsilon * unit)
             coef = norm / (2 * fd_epsilon)  # (n_adapters, 1)
-            v.sub_(coef * (grad_plus - grad_minus))
+            perk_kernels.meta_grad_accumulate(
+                v_groups, by_group(record.direction), by_group(grad_plus), by_group(grad_minus), coef.view(-1),
+                lr_grad[n], backend=backend,
+            )
             if token_grad is not None:
                 token_coef = coef.squeeze(1)[row_adapters].unsqueeze(1).to(token_grad.dtype)
                 token_grad.sub_(token_weight_scale * token_coef * (losses_plus - losses_minus))
+        else:
+            perk_kernels.meta_grad_accumulate(
+                v_groups, by_group(record.direction), None, None, None, lr_grad[n], backend=backend
+            )
         if weight_decay:
             v.sub_(weight_decay * scaled)
     return MetaGradient(v.sum(0), lr_grad, token_grad)

@@ -10,10 +10,13 @@ def meta_grad_accumulate(
     g: list[torch.Tensor],
     g_plus: list[torch.Tensor],
     g_minus: list[torch.Tensor],
-    coef: torch.Tensor,
+    coef: torch.Tensor | None,
     lr_grad: torch.Tensor,
 ) -> None:
-    """In place, over all CUDA adapter tensors in one launch: ``lr_grad[a, i] -= <g_i[a], v_i[a]>``,
+    """In place, over all CUDA adapter tensors in two launches: ``lr_grad[a, i] -= <g_i[a], v_i[a]>``,
     then ``v_i[a] -= coef[a] * (g_plus_i[a] - g_minus_i[a])`` unless ``g_plus`` and ``g_minus`` are
-    empty. Tensors contiguous, one dtype (fp16/bf16/fp32/fp64); ``coef`` fp32 [n_adapters],
-    ``lr_grad`` fp32 contiguous [n_adapters, n_tensors]."""
+    empty. Every tensor [n_adapters, ...] with contiguous adapter slices ``t[a]`` (any adapter stride,
+    e.g. views of one flat (n_adapters, P) buffer; ``v``'s slices disjoint), one dtype
+    (fp16/bf16/fp32/fp64); ``coef`` contiguous [n_adapters] (None allowed without g_plus, g_minus)
+    and ``lr_grad`` contiguous [n_adapters, n_tensors], each fp32 or the tensors' dtype. Deterministic: per-chunk partial dot
+    products summed in a fixed order, no atomics."""
