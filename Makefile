@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.perk-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench clean
+.PHONY: install test bench bench-gpu clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)
+
+# The GPU suite at real sizes: JSON, markdown summary and plots in benchmarks/results/.
+bench-gpu: install
+	$(PY) benchmarks/run.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks
