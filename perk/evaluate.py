@@ -1,0 +1,158 @@
+"""Answering held-out problems with PERK and with the prompt-based baselines, scored alike.
+
+Methods:
+
+* ``perk`` — encode the context into the meta-learned adapter, answer without the context.
+* ``zeroshot`` — the base model with the context in the prompt (truncated to the window; the
+  prediction records it).
+* ``ftic`` — FT-ICR: the same, with a LoRA adapter fine-tuned on the training problems with the
+  context in the prompt (see :mod:`perk.baselines`).
+
+Every method is scored by exact match and token F1 of its greedy answer and, when the problem
+has a closed answer set, by constrained choice: the choice with the highest log-likelihood after
+the prompt (an instruct model with the context in its prompt tends to answer in sentences, which
+exact match counts as wrong).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from perk.engine import PerkModel
+from perk.report import Prediction
+from perk.segments import answer_text, build_prompt
+from perk.tasks import exact_match, f1
+
+METHODS = ("perk", "zeroshot", "ftic")
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def context_prompt(pm: PerkModel, problem, reserve: int) -> tuple[list[int], bool]:
+    """Prompt tokens with the context before the question, cut to fit the model window less
+    ``reserve`` tokens; True when the context had to be cut (its oldest tokens are dropped)."""
+    tokenizer = pm.tokenizer
+    question = problem["question"]
+    documents = problem["context"]
+    context = "\n".join(documents) if isinstance(documents, (list, tuple)) else documents
+    budget = pm.window - reserve
+    overhead = len(tokenizer(build_prompt(tokenizer, question, context=""), add_special_tokens=False)["input_ids"])
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    truncated = False
+    while True:
+        ids = tokenizer(build_prompt(tokenizer, question, context=context), add_special_tokens=False)["input_ids"]
+        if len(ids) <= budget:
+            return ids, truncated
+        # Keep the most recent context tokens that fit; re-tokenising decoded text can shift a
+        # few tokens, so shrink until the whole prompt fits.
+        keep = max(0, min(len(context_ids), budget - overhead) - (8 if truncated else 0))
+        if keep == 0 and truncated:
+            raise ValueError(f"the question alone does not fit the model window ({pm.window} tokens)")
+        context_ids = context_ids[len(context_ids) - keep :]
+        context = tokenizer.decode(context_ids)
+        truncated = True
+
+
+def choice_log_likelihoods(
+    pm: PerkModel, prompt: list[int], choices: list[str], adapter: torch.Tensor | None
+) -> torch.Tensor:
+    """(n_choices,) log p(choice + eos | prompt) under the base model (+ ``adapter`` (1, P))."""
+    tokenizer = pm.tokenizer
+    eos = tokenizer.eos_token_id
+    targets = [tokenizer(answer_text(tokenizer, c), add_special_tokens=False)["input_ids"] + [eos] for c in choices]
+    rows = [prompt + t for t in targets]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pm.filler_id, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)  # right padding: pads never precede a real token
+    input_ids = input_ids.to(pm.device)
+    with torch.no_grad(), pm.adapter_active(adapter):
+        logits = pm.model(input_ids=input_ids).logits.float()
+    log_probs = logits.log_softmax(-1)
+    scores = torch.zeros(len(rows))
+    for i, target in enumerate(targets):
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=pm.device)
+        picked = log_probs[i, positions, torch.tensor(target, device=pm.device)]
+        scores[i] = picked.sum().cpu()
+    return scores
+
+
+def _scored(method: str, problem: dict, text: str, choice: str | None, truncated: bool) -> Prediction:
+    answer = problem["answer"]
+    return Prediction(
+        method=method,
+        task=problem.get("task", "custom"),
+        length_tokens=int(problem.get("length_tokens") or problem.get("context_tokens") or 0),
+        depth=problem.get("depth"),
+        question=problem["question"],
+        answer=answer,
+        prediction=text,
+        exact_match=exact_match(text, answer),
+        f1=f1(text, answer),
+        choice=choice,
+        truncated=truncated,
+    )
+
+
+def evaluate_perk(pm: PerkModel, problems: Sequence[dict], *, max_new_tokens: int, batch_size: int,
+                  progress: tqdm | None = None) -> list[Prediction]:
+    """Encode each context (``batch_size`` at a time, one adapter each) and answer from memory."""
+    predictions = []
+    for batch in _batches(problems, batch_size):
+        memory = pm.encode_many([p["context"] for p in batch])
+        texts = pm.answer(memory, [p["question"] for p in batch], max_new_tokens=max_new_tokens)
+        for i, (problem, text) in enumerate(zip(batch, texts)):
+            choice = None
+            if problem.get("choices"):
+                prompt = pm.question_prompt(problem["question"])
+                scores = choice_log_likelihoods(pm, prompt, problem.get("choices"), memory.flat[i : i + 1])
+                choice = problem["choices"][int(scores.argmax())]
+            predictions.append(_scored("perk", problem, text, choice, truncated=False))
+        if progress is not None:
+            progress.update(len(batch))
+    return predictions
+
+
+def evaluate_prompted(pm: PerkModel, problems: Sequence[dict], *, method: str, adapter: torch.Tensor | None,
+                      max_new_tokens: int, progress: tqdm | None = None) -> list[Prediction]:
+    """The context in the prompt, answered by the base model (+ ``adapter`` for FT-ICR)."""
+    predictions = []
+    for problem in problems:
+        prompt, truncated = context_prompt(pm, problem, reserve=max_new_tokens + 8)
+        text = pm.generate([prompt], adapter, max_new_tokens=max_new_tokens)[0]
+        choice = None
+        if problem.get("choices"):
+            scores = choice_log_likelihoods(pm, prompt, problem.get("choices"), adapter)
+            choice = problem["choices"][int(scores.argmax())]
+        predictions.append(_scored(method, problem, text, choice, truncated))
+        if progress is not None:
+            progress.update(1)
+    return predictions
+
+
+def evaluate(pm: PerkModel, problems: Sequence[dict], methods: Sequence[str], *, ftic_adapter: torch.Tensor | None = None,
+             max_new_tokens: int = 8, batch_size: int = 4, desc: str = "eval") -> list[Prediction]:
+    """Every method on every problem, with one progress bar."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
+    if "ftic" in methods and ftic_adapter is None:
+        raise ValueError("method 'ftic' needs the FT-ICR adapter trained by perk.train")
+    predictions: list[Prediction] = []
+    with tqdm(total=len(problems) * len(methods), desc=desc, unit="problem", dynamic_ncols=True) as bar:
+        for method in methods:
+            bar.set_postfix(method=method)
+            if method == "perk":
+                predictions += evaluate_perk(pm, problems, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                             progress=bar)
+            else:
+                adapter = ftic_adapter if method == "ftic" else None
+                predictions += evaluate_prompted(pm, problems, method=method, adapter=adapter,
+                                                 max_new_tokens=max_new_tokens, progress=bar)
+    return predictions

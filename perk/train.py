@@ -1,0 +1,411 @@
+"""python -m perk.train — meta-train PERK, fine-tune the FT-ICR baseline, evaluate both.
+
+With no arguments: the embedded SmolLM2-135M-Instruct on generated BabiLong qa1 problems, sized
+to finish (training and evaluation) in about a quarter of an hour on a 2-core CPU; on a GPU the
+defaults scale up. The run reads top to bottom:
+
+1. config: dataclass defaults (CPU or GPU sized), then ``--config FILE.yaml``, then ``--key value``;
+2. data: training and held-out problems generated offline (perk.tasks), lengths in the base
+   model's tokens;
+3. meta-training: Adam on PERK's meta-parameters (adapter init θ, inner learning rates) with
+   ``PerkModel.meta_gradient`` on meta-batches of problems;
+4. FT-ICR: a LoRA of the same rank trained on the same problems, batches and number of steps,
+   with the context in the prompt;
+5. evaluation on held-out problems: PERK vs zero-shot vs FT-ICR, printed and saved as a table.
+
+Everything lands in ``runs/<name>/``: the resolved config, ``metrics.jsonl`` (one line per
+step), atomic checkpoints every ``checkpoint_every`` steps (``--resume`` continues exactly where
+a run stopped), the trained PERK model (``perk/``), the FT-ICR adapter, and the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from perk.baselines import ftic_loss_and_grad
+from perk.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state, write_file_atomic
+from perk.cli import UsageError, add_config_arguments, build_config, config_to_dict, field, run_main
+from perk.config import PerkConfig
+from perk.engine import PerkModel
+from perk.evaluate import METHODS, evaluate
+from perk.models import DEFAULT_MODEL, load_base_model
+from perk.report import write_results
+from perk.tasks import TASKS, generate
+
+RESOLVED_CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+PERK_DIR = "perk"
+FTIC_ADAPTER = "ftic_adapter.safetensors"
+PHASES = ("perk", "ftic")
+
+
+@dataclass
+class DataConfig:
+    task: str = field("babilong/qa1", f"task to train and evaluate on: {', '.join(TASKS)}")
+    context_tokens: int = field(256, "context length of every problem, in the base model's tokens")
+    train_problems: int = field(256, "generated training problems")
+    eval_problems: int = field(24, "generated held-out problems (another seed) for the final evaluation")
+    order_markers: bool = field(True, "prefix bAbI facts with per-actor event counters ('Mary Event 3: ...')")
+    doc_index: bool = field(True, "prefix every document with its index ('doc_12: ...')")
+    seed: int = field(0, "seed of the training problems (held-out problems use seed + 1)")
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("context_tokens", "train_problems", "eval_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(DEFAULT_MODEL, "base model: alias, local HF directory or .gguf file")
+    name: str = field("default", "run name: results go to <runs_dir>/<name>/")
+    runs_dir: str = field("runs", "folder of all runs")
+    device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
+    base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda)")
+    meta_steps: int = field(40, "optimizer steps of meta-training (and of FT-ICR training)")
+    meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
+    meta_lr: float = field(3e-3, "Adam learning rate of the meta-parameters")
+    warmup_steps: int = field(4, "linear warm-up steps of the learning rate (then cosine decay to 10%)")
+    max_grad_norm: float = field(1.0, "clip the global norm of each step's gradient")
+    ftic_lr: float = field(1e-3, "Adam learning rate of the FT-ICR LoRA")
+    checkpoint_every: int = field(10, "write a checkpoint every this many steps")
+    keep_checkpoints: int = field(2, "how many of the newest checkpoints to keep")
+    methods: tuple[str, ...] = field(METHODS, "methods evaluated at the end: perk, zeroshot, ftic")
+    max_new_tokens: int = field(8, "greedy answer length limit at evaluation")
+    eval_batch: int = field(4, "contexts encoded together at evaluation")
+    data: DataConfig = field(DataConfig(), "problems")
+    perk: PerkConfig = field(PerkConfig(unroll_steps=1), "the PERK engine")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {self.methods}")
+        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}")
+        for name in ("meta_steps", "meta_batch", "checkpoint_every", "keep_checkpoints", "max_new_tokens", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def gpu_defaults() -> TrainConfig:
+    """Defaults scaled for one GPU: longer contexts, bigger meta-batches, more steps."""
+    return TrainConfig(
+        meta_steps=300, meta_batch=8, checkpoint_every=50, eval_batch=16,
+        data=DataConfig(context_tokens=1024, train_problems=4096, eval_problems=200),
+        perk=PerkConfig(unroll_steps=2, micro_batch_tokens=32768),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and the run directory
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
+    parser = argparse.ArgumentParser(
+        prog="python -m perk.train",
+        description="Meta-train PERK, train the FT-ICR baseline with the same budget, and evaluate "
+        "PERK vs zero-shot vs FT-ICR on held-out problems. Defaults are sized for the machine "
+        "(CPU or GPU, see --device).",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="config file; --key options override it")
+    parser.add_argument("--resume", action="store_true", help="continue the run <runs_dir>/<name> from its last good checkpoint")
+    device = _peek_device(argv)
+    defaults = gpu_defaults() if device == "cuda" else TrainConfig()
+    add_config_arguments(parser, TrainConfig, defaults)
+    args = parser.parse_args(argv)
+    return args, build_config(TrainConfig, args, defaults)
+
+
+def _peek_device(argv: list[str] | None) -> str:
+    """The device the defaults are sized for (before the full parse)."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--device", default="auto")
+    requested = peek.parse_known_args(argv)[0].device
+    return resolve_device(requested)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if requested not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or auto, got {requested!r}")
+    return requested
+
+
+def base_dtype(name: str, device: str) -> torch.dtype:
+    """The base model's dtype: ``name``, or for ``"auto"`` bf16 on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_run(config: TrainConfig, resume: bool, explicit_keys: set[str]) -> tuple[Path, TrainConfig]:
+    """The run directory and its config: the saved one when resuming. A new run never reuses the
+    directory of another (nothing previously written is overwritten)."""
+    run_dir = Path(config.runs_dir) / config.name
+    saved = run_dir / RESOLVED_CONFIG
+    if resume:
+        if not saved.is_file():
+            raise UsageError(f"--resume: {run_dir} has no {RESOLVED_CONFIG}; nothing to resume")
+        if explicit_keys - {"name", "runs_dir"}:
+            raise UsageError(
+                f"--resume continues with the saved config; drop {', '.join(sorted(explicit_keys - {'name', 'runs_dir'}))}"
+            )
+        data = yaml.safe_load(saved.read_text())
+        return run_dir, build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in _flat(data).items()}))
+    if saved.is_file():
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
+    return run_dir, config
+
+
+def save_resolved_config(run_dir: Path, config: TrainConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(run_dir / RESOLVED_CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order, learning-rate schedule, metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
+    """Problems of ``step``: consecutive slices of one seeded permutation per epoch, so the data
+    position is a pure function of the step (what makes a resumed run see the same batches)."""
+    indices = []
+    for position in range(step * batch, (step + 1) * batch):
+        epoch, offset = divmod(position, n)
+        indices.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
+    return indices
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per step, appended and flushed as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, phase_index: int, step: int) -> None:
+        """Drop the lines a resumed run will redo (after ``step`` of phase ``phase_index``)."""
+        if not self.path.is_file():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines()
+            if line.strip() and _before(json.loads(line), phase_index, step)
+        ]
+        write_file_atomic(self.path, "".join(line + "\n" for line in kept).encode())
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+
+def _before(record: dict, phase_index: int, step: int) -> bool:
+    index = PHASES.index(record["phase"])
+    return index < phase_index or (index == phase_index and record["step"] < step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    """One optimisation phase: its parameters and how one step's loss and gradients are made."""
+
+    name: str
+    params: dict[str, torch.Tensor]
+    lr: float
+    loss_and_grads: Callable[[list[dict]], tuple[float, dict[str, torch.Tensor], dict]]
+
+
+def make_optimizer(phase: Phase, config: TrainConfig):
+    optimizer = torch.optim.Adam(list(phase.params.values()), lr=phase.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.meta_steps))
+    return optimizer, scheduler
+
+
+def all_tensors(pm: PerkModel, ftic_adapter: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    tensors = {f"perk/{k}": v for k, v in pm.meta_parameters().items()}
+    if ftic_adapter is not None:
+        tensors["ftic/adapter"] = ftic_adapter
+    return tensors
+
+
+def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_dir: Path, metrics: MetricsLog,
+              checkpoint_tensors: Callable[[], dict[str, torch.Tensor]], start_step: int = 0,
+              resume_state: dict | None = None) -> None:
+    """``config.meta_steps`` Adam steps of ``phase`` from ``start_step``, checkpointed."""
+    optimizer, scheduler = make_optimizer(phase, config)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        set_rng_state(resume_state["rng"])
+    params = list(phase.params.values())
+    bar = tqdm(total=config.meta_steps, initial=start_step, desc=phase.name, unit="step", dynamic_ncols=True)
+    for step in range(start_step, config.meta_steps):
+        batch = [problems[i] for i in batch_indices(step, config.meta_batch, len(problems), config.data.seed)]
+        start = time.perf_counter()
+        loss, grads, info = phase.loss_and_grads(batch)
+        for name, param in phase.params.items():
+            param.grad = grads[name].to(param.dtype)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        record = {"phase": phase.name, "step": step, "loss": loss, "grad_norm": grad_norm,
+                  "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4), **info}
+        metrics.append(record)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "inner_first", "inner_last", "tok_s")})
+        bar.update(1)
+        done = step + 1
+        if done % config.checkpoint_every == 0 or done == config.meta_steps:
+            state = {"phase": phase.name, "phase_step": done, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            global_step = PHASES.index(phase.name) * config.meta_steps + done
+            save_checkpoint(run_dir, global_step, checkpoint_tensors(), state, keep=config.keep_checkpoints)
+    bar.close()
+
+
+def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
+    def loss_and_grads(batch: list[dict]):
+        loss, grads = pm.meta_gradient(batch)
+        stats = pm.last_stats
+        inner = stats.inner_losses.mean(1)
+        return float(loss), grads, {
+            "inner_first": float(inner[0]) if len(inner) else float("nan"),
+            "inner_last": float(inner[-1]) if len(inner) else float("nan"),
+            "tok_s": stats.tokens_per_second,
+        }
+
+    return Phase("perk", pm.meta_parameters(), config.meta_lr, loss_and_grads)
+
+
+def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Phase:
+    def loss_and_grads(batch: list[dict]):
+        loss, grad = ftic_loss_and_grad(pm, adapter.unsqueeze(0), batch)
+        return loss, {"adapter": grad[0]}, {}
+
+    return Phase("ftic", {"adapter": adapter}, config.ftic_lr, loss_and_grads)
+
+
+def restore(pm: PerkModel, ftic_adapter: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in all_tensors(pm, ftic_adapter).items():
+            if name in tensors:
+                tensor.copy_(tensors[name])
+
+
+def make_problems(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    data = config.data
+    kwargs = dict(order_markers=data.order_markers, doc_index=data.doc_index)
+    train = generate(data.task, data.train_problems, data.context_tokens, tokenizer, seed=data.seed, **kwargs)
+    held_out = generate(data.task, data.eval_problems, data.context_tokens, tokenizer, seed=data.seed + 1, **kwargs)
+    return [p.to_json() for p in train], [p.to_json() for p in held_out]
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args, config = parse_args(argv)
+    explicit = {k[4:] for k in vars(args) if k.startswith("cfg:")} | ({"config"} if args.config else set())
+    run_dir, config = resolve_run(config, args.resume, explicit)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.perk.seed)
+
+    print(f"perk.train: run {run_dir} on {device}; loading {config.model}", flush=True)
+    model, tokenizer = load_base_model(config.model, dtype=base_dtype(config.base_dtype, device), device=device)
+    if not args.resume:
+        save_resolved_config(run_dir, config)
+    pm = PerkModel.from_base(model, tokenizer, config.perk)
+    train_problems, eval_problems = make_problems(config, tokenizer)
+    ftic_adapter = pm.initial_adapter(seed=config.perk.seed + 1).requires_grad_()
+
+    phase_index, start_step, resume_state = 0, 0, None
+    if args.resume:
+        checkpoint = load_latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            restore(pm, ftic_adapter, checkpoint.tensors)
+            phase_index = PHASES.index(checkpoint.state["phase"])
+            start_step, resume_state = checkpoint.state["phase_step"], checkpoint.state
+            print(f"resuming from {checkpoint.path.name} ({checkpoint.state['phase']} step {start_step})", flush=True)
+    metrics = MetricsLog(run_dir / METRICS)
+    metrics.truncate_after(phase_index, start_step)
+
+    phases = [perk_phase(pm, config)]
+    if "ftic" in config.methods:
+        phases.append(ftic_phase(pm, ftic_adapter, config))
+    for index, phase in enumerate(phases):
+        if index < phase_index:
+            continue
+        resuming = index == phase_index and resume_state is not None
+        run_phase(phase, config=config, problems=train_problems, run_dir=run_dir, metrics=metrics,
+                  checkpoint_tensors=lambda: all_tensors(pm, ftic_adapter if "ftic" in config.methods else None),
+                  start_step=start_step if resuming else 0, resume_state=resume_state if resuming else None)
+
+    pm.save_pretrained(run_dir / PERK_DIR)
+    if "ftic" in config.methods:
+        write_file_atomic(run_dir / FTIC_ADAPTER, _safetensors_bytes({"adapter": ftic_adapter.detach()}))
+
+    predictions = evaluate(pm, eval_problems, config.methods, ftic_adapter=ftic_adapter.detach().unsqueeze(0),
+                           max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch)
+    minutes = (time.perf_counter() - started) / 60
+    header = (f"# {config.data.task}, {config.data.context_tokens}-token contexts, {len(eval_problems)} held-out "
+              f"problems\n\nbase model {config.model} on {device}; {config.meta_steps} steps of "
+              f"{config.meta_batch} problems per method; run {run_dir}; {minutes:.1f} min\n\n")
+    _, table = write_results(run_dir, "results", predictions, header=header)
+    print("\n" + header + table, flush=True)
+    return 0
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.contiguous().cpu() for k, v in tensors.items()})
+
+
+def load_ftic_adapter(run_dir: Path) -> torch.Tensor:
+    """The FT-ICR adapter a run saved, as (1, P)."""
+    return load_file(str(run_dir / FTIC_ADAPTER))["adapter"].unsqueeze(0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
