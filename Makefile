@@ -1,4 +1,4 @@
-# Quick start: `make test`.
+# Quick start: `make run` (meta-train PERK on the embedded model, then evaluate) and `make test`.
 # Both set up .venv first; re-running is fast because installs are redone only when
 # pyproject.toml or setup.py change (the stamp file records the last install).
 
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.perk-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test bench bench-gpu clean
+.PHONY: install run test bench bench-gpu clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): $(PY) pyproject.toml setup.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+run: install
+	$(PY) -m perk.train
 
 test: install
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)

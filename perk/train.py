@@ -76,9 +76,10 @@ class TrainConfig:
     runs_dir: str = field("runs", "folder of all runs")
     device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
     base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda)")
-    meta_steps: int = field(40, "optimizer steps of meta-training (and of FT-ICR training)")
+    meta_steps: int = field(32, "optimizer steps of meta-training (and of FT-ICR training)")
     meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
-    meta_lr: float = field(3e-3, "Adam learning rate of the meta-parameters")
+    meta_lr: float = field(3e-3, "Adam learning rate of the adapter init (and token weighting)")
+    inner_lr_meta_lr: float = field(0.02, "Adam learning rate of the log inner learning rates (u in lr0·exp(u))")
     warmup_steps: int = field(4, "linear warm-up steps of the learning rate (then cosine decay to 10%)")
     max_grad_norm: float = field(1.0, "clip the global norm of each step's gradient")
     ftic_lr: float = field(1e-3, "Adam learning rate of the FT-ICR LoRA")
@@ -255,12 +256,13 @@ class Phase:
 
     name: str
     params: dict[str, torch.Tensor]
-    lr: float
+    lrs: dict[str, float]  # Adam learning rate of each parameter
     loss_and_grads: Callable[[list[dict]], tuple[float, dict[str, torch.Tensor], dict]]
 
 
 def make_optimizer(phase: Phase, config: TrainConfig):
-    optimizer = torch.optim.Adam(list(phase.params.values()), lr=phase.lr)
+    groups = [{"params": [param], "lr": phase.lrs[name]} for name, param in phase.params.items()]
+    optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.meta_steps))
     return optimizer, scheduler
 
@@ -317,9 +319,12 @@ def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
             "inner_first": float(inner[0]) if len(inner) else float("nan"),
             "inner_last": float(inner[-1]) if len(inner) else float("nan"),
             "tok_s": stats.tokens_per_second,
+            "inner_lr": float(pm.inner_learning_rates().mean()),
         }
 
-    return Phase("perk", pm.meta_parameters(), config.meta_lr, loss_and_grads)
+    params = pm.meta_parameters()
+    lrs = {name: config.inner_lr_meta_lr if name == "inner_lr_log" else config.meta_lr for name in params}
+    return Phase("perk", params, lrs, loss_and_grads)
 
 
 def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Phase:
@@ -327,7 +332,7 @@ def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Pha
         loss, grad = ftic_loss_and_grad(pm, adapter.unsqueeze(0), batch)
         return loss, {"adapter": grad[0]}, {}
 
-    return Phase("ftic", {"adapter": adapter}, config.ftic_lr, loss_and_grads)
+    return Phase("ftic", {"adapter": adapter}, {"adapter": config.ftic_lr}, loss_and_grads)
 
 
 def restore(pm: PerkModel, ftic_adapter: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:

@@ -262,6 +262,8 @@ class LoraSegments:
         sorted_ids: (rows,) int64, the adapter of each sorted position (non-decreasing).
         starts: (n_adapters + 1,) int64, adapter ``a`` owns sorted positions ``starts[a]:starts[a+1]``.
         max_rows_per_adapter: host int, the largest segment (sizes the backward's row splits).
+        host_counts: host ints, rows per adapter (lets the torch path slice without a sync).
+        rows_sorted: host bool, the rows are already grouped by adapter (``row_order`` is the identity).
     """
 
     adapter_ids: torch.Tensor
@@ -270,6 +272,8 @@ class LoraSegments:
     sorted_ids: torch.Tensor
     starts: torch.Tensor
     max_rows_per_adapter: int
+    host_counts: tuple[int, ...]
+    rows_sorted: bool
 
     @property
     def n_rows(self) -> int:
@@ -298,7 +302,7 @@ def lora_segments(adapter_ids: torch.Tensor, n_adapters: int) -> LoraSegments:
     ids = adapter_ids.reshape(-1).to(torch.int64)
     if ids.numel() == 0:
         zeros = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
-        return LoraSegments(ids, n_adapters, ids.clone(), ids.clone(), zeros, 0)
+        return LoraSegments(ids, n_adapters, ids.clone(), ids.clone(), zeros, 0, (0,) * n_adapters, True)
     low, high = torch.stack([ids.min(), ids.max()]).tolist()
     if low < 0 or high >= n_adapters:
         raise ValueError(f"adapter_ids must lie in [0, {n_adapters}) (n_adapters), got ids in [{low}, {high}]")
@@ -306,7 +310,11 @@ def lora_segments(adapter_ids: torch.Tensor, n_adapters: int) -> LoraSegments:
     starts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
     starts[1:] = torch.cumsum(counts, 0)
     row_order = torch.argsort(ids, stable=True)
-    return LoraSegments(ids, n_adapters, row_order, ids[row_order], starts, int(counts.max()))
+    host_counts = tuple(counts.tolist())
+    rows_sorted = bool((ids[1:] >= ids[:-1]).all())
+    return LoraSegments(
+        ids, n_adapters, row_order, ids[row_order], starts, max(host_counts), host_counts, rows_sorted
+    )
 
 
 def _single_adapter_segments(n_rows: int, n_adapters: int, device: torch.device) -> LoraSegments:
@@ -315,7 +323,8 @@ def _single_adapter_segments(n_rows: int, n_adapters: int, device: torch.device)
     starts = torch.full((n_adapters + 1,), n_rows, dtype=torch.int64, device=device)
     starts[0] = 0
     zeros = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    return LoraSegments(zeros, n_adapters, row_order, zeros, starts, n_rows)
+    host_counts = (n_rows,) + (0,) * (n_adapters - 1)
+    return LoraSegments(zeros, n_adapters, row_order, zeros, starts, n_rows, host_counts, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,8 +551,6 @@ def lora_linear_reference(
     Twice differentiable w.r.t. x, lora_a and lora_b. Adapters are cast to x's dtype before each
     matmul, as the kernels do; weight and bias are treated as frozen (no gradient).
     """
-    if isinstance(adapter_ids, LoraSegments):
-        adapter_ids = adapter_ids.adapter_ids
     weight = weight.detach()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (rows, d_in)
@@ -553,12 +560,16 @@ def lora_linear_reference(
     if adapter_ids is None:
         lora = (x2 @ lora_a[0].t().to(x2.dtype)) @ lora_b[0].t().to(x2.dtype)
     else:
-        ids = adapter_ids.reshape(-1)
-        lora = torch.zeros_like(y)
-        for a in ids.unique().tolist():
-            rows = (ids == a).nonzero().squeeze(1)
-            h = x2[rows] @ lora_a[a].t().to(x2.dtype)  # (rows_a, r)
-            lora = lora.index_add(0, rows, h @ lora_b[a].t().to(x2.dtype))
+        segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
+        # Rows grouped by adapter (a gather only when they are not already), one pair of matmuls
+        # per adapter on its contiguous block, then back to the original row order.
+        x_sorted = x2 if segments.rows_sorted else x2[segments.row_order]
+        blocks = [
+            (rows @ lora_a[a].t().to(x2.dtype)) @ lora_b[a].t().to(x2.dtype)  # (rows_a, d_out)
+            for a, rows in enumerate(x_sorted.split(list(segments.host_counts)))
+        ]
+        lora_sorted = torch.cat(blocks)
+        lora = lora_sorted if segments.rows_sorted else torch.zeros_like(lora_sorted).index_copy(0, segments.row_order, lora_sorted)
     y = y + scale * lora
     return y.reshape(*lead, weight.shape[0])
 
