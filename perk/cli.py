@@ -134,11 +134,12 @@ def _set_key(config: Any, key: str, value: Any) -> None:
     setattr(config, last, value)
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` → ``{'a.b': 1}``: nested config mappings as dotted keys."""
     flat = {}
     for name, value in mapping.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}."))
+            flat.update(flatten(value, f"{prefix}{name}."))
         else:
             flat[f"{prefix}{name}"] = value
     return flat
@@ -151,7 +152,7 @@ def build_config(cls: type, namespace: argparse.Namespace, defaults: Any | None 
     values: dict[str, Any] = {}
     yaml_path = getattr(namespace, "config", None)
     if yaml_path:
-        values.update(_flatten(read_yaml(yaml_path)))
+        values.update(flatten(read_yaml(yaml_path)))
     values.update({k[4:]: v for k, v in vars(namespace).items() if k.startswith("cfg:")})
     for key, value in values.items():
         if key not in kinds:

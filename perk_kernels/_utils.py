@@ -115,3 +115,21 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def slices_contiguous(t: torch.Tensor) -> bool:
+    """Whether every adapter slice ``t[a]`` is contiguous (the adapter stride ``t.stride(0)`` is
+    free): true of views ``flat[:, start:end].unflatten(1, shape)`` into a flat adapter buffer."""
+    if 0 in t.shape[1:]:
+        return True  # nothing to address
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def with_contiguous_slices(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where the kernels can address it (views of a flat buffer included), else a copy."""
+    return t if slices_contiguous(t) else t.contiguous()

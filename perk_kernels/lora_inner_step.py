@@ -36,7 +36,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from perk_kernels._utils import check_finite_scalar, check_tensor, choose_backend, interpret_mode
+from perk_kernels._utils import (
+    check_finite_scalar,
+    check_tensor,
+    choose_backend,
+    interpret_mode,
+    slices_contiguous,
+    with_contiguous_slices,
+)
 
 # Reference and kernels add this to the norm before dividing (no division by zero for zero grads).
 CLIP_EPS = 1e-6
@@ -216,23 +223,6 @@ def _aligned(tensors: list[torch.Tensor], per_adapter: tuple[int, ...], chunk: i
     return elements if ok and chunk % elements == 0 else 1
 
 
-def _slices_contiguous(t: torch.Tensor) -> bool:
-    """Whether every adapter slice ``t[a]`` is contiguous (the adapter stride ``t.stride(0)`` is free)."""
-    if 0 in t.shape[1:]:
-        return True  # nothing to address
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _with_contiguous_slices(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself where the kernels can address it (views of a flat buffer included), else a copy."""
-    return t if _slices_contiguous(t) else t.contiguous()
-
-
 class _StepPlan:
     """Everything one call's launches share: tables, block sizes, dtypes."""
 
@@ -324,7 +314,7 @@ class _InnerStepFunction(torch.autograd.Function):
         need_lr = ctx.needs_input_grad[0]
         need_dparam = any(ctx.needs_input_grad[4 : 4 + n_tensors])
         need_dgrad = any(ctx.needs_input_grad[4 + n_tensors :])
-        douts = [_with_contiguous_slices(d) for d in douts]
+        douts = [with_contiguous_slices(d) for d in douts]
         plan = _StepPlan(params, grads + douts)
         clipping = max_grad_norm is not None
         clip = _clip_factors(sq_norms, max_grad_norm) if clipping else None
@@ -431,7 +421,7 @@ def _check_inputs(params, grads, lr, weight_decay, max_grad_norm) -> None:
 def _check_inplace_layout(params: list[torch.Tensor]) -> None:
     """The kernel writes params through their adapter slices: each contiguous, none overlapping."""
     for i, p in enumerate(params):
-        if not _slices_contiguous(p):
+        if not slices_contiguous(p):
             raise ValueError(
                 f"params[{i}] must have contiguous adapter slices (params[{i}][a] contiguous) for "
                 f"inplace=True, got shape {tuple(p.shape)} and strides {p.stride()}"
@@ -511,7 +501,7 @@ def lora_inner_step(
     params, grads = list(params), list(grads)
     acc_dtype = torch.promote_types(params[0].dtype, torch.float32)
     lr_table = _lr_table(lr, params[0].shape[0], len(params), params[0]).to(acc_dtype).contiguous()
-    grads = [_with_contiguous_slices(g) for g in grads]
+    grads = [with_contiguous_slices(g) for g in grads]
     if inplace:
         _check_inplace_layout(params)
         with torch.no_grad():
@@ -520,5 +510,5 @@ def lora_inner_step(
         for p in params:
             torch.autograd.graph.increment_version(p)  # the kernel wrote p: invalidate saved copies
         return params
-    params = [_with_contiguous_slices(p) for p in params]
+    params = [with_contiguous_slices(p) for p in params]
     return list(_InnerStepFunction.apply(lr_table, weight_decay, max_grad_norm, len(params), *params, *grads))

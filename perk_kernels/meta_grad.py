@@ -49,6 +49,8 @@ from perk_kernels._utils import (
     choose_backend,
     interpret_mode,
     next_power_of_2,
+    slices_contiguous,
+    with_contiguous_slices,
 )
 
 NO_CUDA_EXT_ENV = "PERK_NO_CUDA_EXT"
@@ -188,10 +190,10 @@ def meta_grad_accumulate_triton(v, g, g_plus, g_minus, coef, lr_grad) -> None:
     device = v[0].device
     if device.type == "cuda" and interpret_mode():
         raise ValueError("backend='triton' cannot run CUDA tensors through TRITON_INTERPRET=1 (pointer tables)")
-    g = [_with_contiguous_slices(t) for t in g]
+    g = [with_contiguous_slices(t) for t in g]
     update_v = g_plus is not None
-    g_plus = [_with_contiguous_slices(t) for t in g_plus] if update_v else g
-    g_minus = [_with_contiguous_slices(t) for t in g_minus] if update_v else g
+    g_plus = [with_contiguous_slices(t) for t in g_plus] if update_v else g
+    g_minus = [with_contiguous_slices(t) for t in g_minus] if update_v else g
     per_adapter = [_per_adapter(t) for t in v]
     block = _chunk_block(per_adapter)
     rows, chunk_tensor = [], []
@@ -269,21 +271,6 @@ def _choose_meta_grad_backend(backend: str | None, device: torch.device) -> str:
     return choose_backend(backend, device)
 
 
-def _slices_contiguous(t: torch.Tensor) -> bool:
-    """Whether every adapter slice ``t[a]`` is contiguous (the adapter stride ``t.stride(0)`` is free)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _with_contiguous_slices(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself where the kernels can address it (views of a flat buffer included), else a copy."""
-    return t if _slices_contiguous(t) else t.contiguous()
-
-
 def _check_tensor_list(name: str, tensors: object, like: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
     if not isinstance(tensors, (list, tuple)) or len(tensors) == 0:
         raise TypeError(f"{name} must be a non-empty list of tensors, got {type(tensors).__name__}")
@@ -318,7 +305,7 @@ def _check_inputs(v, g, g_plus, g_minus, coef, lr_grad) -> None:
                 raise ValueError(f"{name}[{i}] must have n_adapters={n_adapters} in dim 0, got {tuple(t.shape)}")
     for i, t in enumerate(v):
         overlapping = n_adapters > 1 and t.stride(0) < _per_adapter(t)
-        if overlapping or not _slices_contiguous(t):
+        if overlapping or not slices_contiguous(t):
             raise ValueError(
                 f"v[{i}] must have contiguous, non-overlapping adapter slices v[{i}][a] (it is updated in "
                 f"place), got shape {tuple(t.shape)} with strides {t.stride()}"
@@ -399,9 +386,9 @@ def meta_grad_accumulate(
     else:
         _extension().meta_grad_accumulate(
             list(v),
-            [_with_contiguous_slices(t) for t in g],
-            [] if g_plus is None else [_with_contiguous_slices(t) for t in g_plus],
-            [] if g_minus is None else [_with_contiguous_slices(t) for t in g_minus],
+            [with_contiguous_slices(t) for t in g],
+            [] if g_plus is None else [with_contiguous_slices(t) for t in g_plus],
+            [] if g_minus is None else [with_contiguous_slices(t) for t in g_minus],
             coef,
             lr_grad,
         )

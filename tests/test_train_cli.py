@@ -57,7 +57,7 @@ def test_help_lists_every_key_with_default_and_meaning():
     for key in ("--meta_steps", "--data.task", "--data.context_tokens", "--perk.rank", "--perk.meta_grad",
                 "--perk.inner_lr", "--resume", "--config"):
         assert key in text
-    assert "optimizer steps of meta-training (and of FT-ICR training) (default: 32)" in text
+    assert "optimizer steps of meta-training (and of FT-ICR training) (default: 24)" in text
 
 
 def test_yaml_config_and_overrides(tmp_path):
