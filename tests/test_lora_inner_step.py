@@ -10,7 +10,8 @@ import torch
 import perk_kernels
 import perk_kernels.lora_inner_step  # noqa: F401  (the statement form must work)
 from perk_kernels import lora_inner_step, lora_inner_step_reference
-from perk_kernels.lora_inner_step import _slices_contiguous, _StepPlan
+from perk_kernels._utils import slices_contiguous
+from perk_kernels.lora_inner_step import _StepPlan
 
 CUDA = torch.cuda.is_available()
 # Odd per-adapter sizes against the interpreter's 64-element blocks and 128-element chunks,
@@ -219,7 +220,7 @@ def test_broadcast_params_out_of_place_and_overlapping_params_in_place():
     ],
 )
 def test_slice_layout_predicate(make, expected):
-    assert _slices_contiguous(make()) is expected
+    assert slices_contiguous(make()) is expected
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 2.0])
