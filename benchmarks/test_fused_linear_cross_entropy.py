@@ -15,13 +15,9 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    # The fused provider runs through Triton's interpreter on CPU; it must be set before the
-    # kernels are decorated (effective when this file is the first to import perk_kernels).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from perk_kernels._utils import interpret_mode  # noqa: E402
-from perk_kernels.fused_linear_cross_entropy import (  # noqa: E402
+# benchmarks/conftest.py sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is imported.
+from perk_kernels._utils import interpret_mode
+from perk_kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )

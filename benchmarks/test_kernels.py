@@ -27,14 +27,10 @@ import torch
 import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    # The Triton provider runs through the interpreter on CPU; it must be set before the kernels
-    # are decorated (effective when this file is the first to import perk_kernels).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from perk_kernels import lora_inner_step, lora_linear, lora_linear_reference  # noqa: E402
-from perk_kernels._utils import interpret_mode  # noqa: E402
-from perk_kernels.lora_linear import lora_segments  # noqa: E402
+# benchmarks/conftest.py sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is imported.
+from perk_kernels import lora_inner_step, lora_linear, lora_linear_reference
+from perk_kernels._utils import interpret_mode
+from perk_kernels.lora_linear import lora_segments
 
 SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
 if SIZE not in ("small", "full"):

@@ -26,6 +26,13 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, no traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with bad arguments reported as one line by :func:`run_main` (no usage dump)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
 def field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with a help text for ``--help``."""
     if isinstance(default, (list, dict, set)):

@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from perk.cli import UsageError, run_main
+from perk.cli import ArgumentParser, UsageError, run_main
 from perk.eval import load_run
 from perk.train import resolve_device
 
@@ -35,7 +35,7 @@ def read_documents(path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perk.encode", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m perk.encode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run directory written by perk.train")
     parser.add_argument("--context", required=True, type=Path, help="a UTF-8 text file")
     parser.add_argument("--question", action="append", required=True, help="a question (repeatable)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from perk.cli import UsageError, run_main
+from perk.cli import ArgumentParser, UsageError, run_main
 from perk.engine import PerkModel
 from perk.evaluate import METHODS, evaluate
 from perk.models import load_base_model
@@ -52,7 +52,7 @@ def _method(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m perk.eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m perk.eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run directory written by perk.train")
     parser.add_argument("--task", choices=TASKS, help="task to generate (default: the run's task)")
     parser.add_argument("--lengths", type=_csv(parse_length, "lengths"), help="context lengths, e.g. 1k,2k,4k (default: the run's)")

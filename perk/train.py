@@ -36,7 +36,16 @@ from tqdm.auto import tqdm
 
 from perk.baselines import ftic_loss_and_grad
 from perk.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state, write_file_atomic
-from perk.cli import UsageError, add_config_arguments, build_config, config_to_dict, field, flatten, run_main
+from perk.cli import (
+    ArgumentParser,
+    UsageError,
+    add_config_arguments,
+    build_config,
+    config_to_dict,
+    field,
+    flatten,
+    run_main,
+)
 from perk.config import PerkConfig
 from perk.engine import PerkModel
 from perk.evaluate import METHODS, evaluate
@@ -121,7 +130,7 @@ def gpu_defaults() -> TrainConfig:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m perk.train",
         description="Meta-train PERK, train the FT-ICR baseline with the same budget, and evaluate "
         "PERK vs zero-shot vs FT-ICR on held-out problems. Defaults are sized for the machine "
@@ -311,7 +320,7 @@ def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
             "inner_first": float(inner[0]) if len(inner) else float("nan"),
             "inner_last": float(inner[-1]) if len(inner) else float("nan"),
             "tok_s": stats.tokens_per_second,
-            "inner_lr": float(pm.inner_learning_rates().mean()),
+            "inner_lr": float(pm.inner_learning_rates().detach().mean()),
         }
 
     params = pm.meta_parameters()
