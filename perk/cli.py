@@ -201,20 +201,22 @@ def config_to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call a CLI's ``main``; bad input becomes one line on stderr and a non-zero exit."""
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, *,
+             prog: str = "perk") -> int:
+    """Call a CLI's ``main``; bad input becomes one line ``<prog>: error: ...`` on stderr and a
+    non-zero exit (2 for bad arguments, 1 for bad input found later, 130 when interrupted)."""
     try:
         return int(main(argv) or 0)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         # Bad input found deeper down (a file that is not a dataset, a checkpoint of another
-        # model, ...): one line, not a traceback wall. PERK_DEBUG=1 shows the traceback.
+        # model, a missing optional package, ...): one line, not a traceback wall.
         if os.environ.get("PERK_DEBUG") == "1":
             raise
-        print(f"error: {err} (PERK_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {err} (PERK_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -15,23 +15,14 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tqdm import tqdm
 
+from perk.cli import ArgumentParser, run_main
 from perk.models import load_tokenizer
 from perk.tasks import TASKS, iter_problems, parse_length, read_jsonl, write_jsonl
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
-
-PROG = "perk.data"
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message}\n")
-
 
 def _depth(text: str) -> float:
     value = float(text)
@@ -56,8 +47,8 @@ def _length(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``generate`` and ``stats`` subcommands."""
-    parser = _Parser(prog=PROG, description="Generate and inspect long-context task datasets.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="python -m perk.data", description="Generate and inspect long-context task datasets.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     generate = commands.add_parser("generate", help="generate a JSONL dataset")
     generate.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"one of {', '.join(TASKS)}")
@@ -136,17 +127,10 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (errors are one line on stderr)."""
+    """Run the command line (errors become one line on stderr through :func:`perk.cli.run_main`)."""
     args = build_parser().parse_args(argv)
-    try:
-        return run_generate(args) if args.command == "generate" else run_stats(args)
-    except (ValueError, TypeError, OSError, ImportError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_generate(args) if args.command == "generate" else run_stats(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="perk.data"))

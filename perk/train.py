@@ -414,4 +414,4 @@ def load_ftic_adapter(run_dir: Path) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(run_main(main, prog="perk.train"))

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from perk.cli import run_main
 from perk.data import main
 from perk.tasks import read_jsonl
 from tests.test_tasks_lengths import TOKENIZERS
@@ -60,11 +61,8 @@ def test_bad_input_is_one_line_and_a_nonzero_status(tmp_path, tokenizer_dir, cap
 
 
 def exit_status(argv: list[str]) -> int:
-    """main's return value, or the status of the SystemExit that argparse raises."""
-    try:
-        return main(argv)
-    except SystemExit as exit:
-        return exit.code
+    """The exit status of ``python -m perk.data`` with these arguments."""
+    return run_main(main, argv, prog="perk.data")
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):

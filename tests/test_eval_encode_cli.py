@@ -119,5 +119,5 @@ def test_checkpoint_of_another_base_model_is_refused(trained_run, tmp_path):
     assert result.returncode != 0 and "does not fit base model" in result.stderr
     assert "Traceback" not in result.stderr
     # transformers' own "Loading weights" progress bar may precede it; the error is one line.
-    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert len([line for line in result.stderr.splitlines() if line.startswith("perk.eval: error:")]) == 1
     assert sorted(p.name for p in trained_run.iterdir()) == before, "nothing written on a refused checkpoint"
