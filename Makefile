@@ -23,8 +23,10 @@ $(STAMP): $(PY) pyproject.toml setup.py
 
 install: $(STAMP)
 
+# A second `make run` resumes runs/default instead of refusing to overwrite it: an interrupted
+# run continues from its last checkpoint, a finished one is evaluated again (same numbers).
 run: install
-	$(PY) -m perk.train
+	$(PY) -m perk.train $(if $(wildcard runs/default/config.yaml),--resume)
 
 test: install
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
