@@ -232,6 +232,17 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def cuda_peak_extra_bytes(run) -> int | None:
+    """Peak CUDA memory allocated by one ``run()`` beyond what was allocated before it; None on CPU."""
+    if not CUDA:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def free_memory() -> None:
     gc.collect()
     if CUDA:

@@ -9,23 +9,18 @@ memory (recorded as a value; its timing is then a no-op and meaningless).
     pytest benchmarks/test_fused_linear_cross_entropy.py --benchmark-only --benchmark-json=out.json
 """
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-# benchmarks/conftest.py sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is imported.
+# conftest sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is first imported.
+from conftest import CUDA, DEVICE, DEVICE_NAME, SIZE, cuda_peak_extra_bytes, synchronize
+
 from perk_kernels._utils import interpret_mode
 from perk_kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
 
-SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
-if SIZE not in ("small", "full"):
-    raise ValueError(f"PERK_BENCH_SIZE must be 'small' or 'full', got {SIZE!r}")
-DEVICE = "cuda" if CUDA else "cpu"
 if SIZE == "full":
     ROWS, D, VOCAB, DTYPE, CHUNK, ROUNDS = (8192, 65536), 896, 151_936, torch.bfloat16, None, 10
 else:
@@ -39,17 +34,8 @@ PROVIDERS = {
 def _forward_backward(provider, hidden, weight, labels, upstream):
     h = hidden.detach().requires_grad_(True)
     PROVIDERS[provider](h, weight, labels).backward(upstream)
-    if CUDA:
-        torch.cuda.synchronize()
+    synchronize()
     return h.grad
-
-
-def _peak_extra_bytes(run) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    return torch.cuda.max_memory_allocated() - before
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -67,10 +53,9 @@ def test_fused_linear_cross_entropy(benchmark, provider, rows):
     def run():
         return _forward_backward(provider, hidden, weight, labels, upstream)
 
-    benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else "cpu", size=SIZE, oom=False)
+    benchmark.extra_info.update(device=DEVICE_NAME, size=SIZE, oom=False)
     try:
-        if CUDA:
-            benchmark.extra_info["peak_extra_bytes"] = _peak_extra_bytes(run)
+        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra_bytes(run)
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()

@@ -20,23 +20,17 @@ and meaningless). Small sizes on CPU (Triton interpreter); ``PERK_BENCH_SIZE=sma
     pytest benchmarks/test_kernels.py --benchmark-only --benchmark-json=out.json
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-# benchmarks/conftest.py sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is imported.
+# conftest sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is first imported.
+from conftest import CUDA, DEVICE, DEVICE_NAME, SIZE, cuda_peak_extra_bytes, synchronize
+
 from perk_kernels import lora_inner_step, lora_linear, lora_linear_reference
 from perk_kernels._utils import interpret_mode
 from perk_kernels.lora_linear import lora_segments
 
-SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
-if SIZE not in ("small", "full"):
-    raise ValueError(f"PERK_BENCH_SIZE must be 'small' or 'full', got {SIZE!r}")
-DEVICE = "cuda" if CUDA else "cpu"
-DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
 SCALE = 2.0
 if SIZE == "full":
     D_MODEL, D_FF, N_LAYERS = 896, 4864, 24
@@ -50,27 +44,12 @@ else:
     DTYPE, ROUNDS = torch.float32, 2
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _peak_extra_bytes(run) -> int | None:
-    if not CUDA:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    return torch.cuda.max_memory_allocated() - before
-
-
 def _measure(benchmark, run, flops: float, n_bytes: float) -> None:
     """Time ``run`` and record throughput; an OOM becomes ``extra_info['oom']``, not a failure."""
     benchmark.extra_info.update(device=DEVICE_NAME, size=SIZE, oom=False)
     try:
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)  # warm-up also autotunes
-        benchmark.extra_info["peak_extra_bytes"] = _peak_extra_bytes(run)
+        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra_bytes(run)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         benchmark.extra_info["oom"] = True
@@ -137,7 +116,7 @@ def test_lora_linear(benchmark, mode, provider, layer, rank, n_adapters, rows):
         y = fn(xg, weight, bias, lora_a, lora_b)
         if mode == "fwd_bwd":
             y.backward(dy)
-        _sync()
+        synchronize()
 
     gemm = 2 * rows * d_in * d_out
     lora = 0 if provider == "base" else 2 * rows * rank * (d_in + d_out)
@@ -183,7 +162,7 @@ def test_lora_inner_step(benchmark, provider):
             lora_inner_step(params, grads, lr, max_grad_norm=1.0, inplace=True, backend="triton")
         else:
             lora_inner_step(params, grads, lr, max_grad_norm=1.0, backend="triton" if provider == "triton" else "torch")
-        _sync()
+        synchronize()
 
     # Step: read p and g (g twice when clipping: the norm pass), write p'. Copy: read + write.
     n_bytes = 4 * n_params * (2 if provider == "copy" else 4)

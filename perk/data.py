@@ -24,6 +24,7 @@ from perk.models import load_tokenizer
 from perk.tasks import TASKS, iter_problems, parse_length, read_jsonl, write_jsonl
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
 
+
 def _depth(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:

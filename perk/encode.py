@@ -10,7 +10,6 @@ model without the text in the prompt. ``--save-memory`` writes the memory as a P
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from pathlib import Path
