@@ -21,15 +21,8 @@ from tqdm import tqdm
 
 from perk.cli import ArgumentParser, run_main
 from perk.models import load_tokenizer
-from perk.tasks import TASKS, iter_problems, parse_length, read_jsonl, write_jsonl
+from perk.tasks import TASKS, iter_problems, parse_depth, parse_length, read_jsonl, write_jsonl
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
-
-
-def _depth(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"depth must be in [0, 1], got {text}")
-    return value
 
 
 def _positive_int(text: str) -> int:
@@ -39,11 +32,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _length(text: str) -> int:
-    try:
-        return parse_length(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _argument(parse):
+    """An argparse type from a parser that raises ValueError: its message becomes the error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate a JSONL dataset")
     generate.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"one of {', '.join(TASKS)}")
-    generate.add_argument("--length", required=True, type=_length, help="context length in tokens: 512, 8k, 128k, 1m")
+    generate.add_argument("--length", required=True, type=_argument(parse_length), help="context length in tokens: 512, 8k, 128k, 1m")
     generate.add_argument("--n", required=True, type=_positive_int, help="number of problems")
     generate.add_argument("--out", required=True, type=Path, help="output JSONL file (written atomically)")
     generate.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
@@ -61,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default="smollm2-135m",
         help="tokenizer that measures lengths: a model alias, model directory or tokenizer directory",
     )
-    generate.add_argument("--depth", type=_depth, default=None, help="first supporting fact at this depth in [0, 1]")
+    generate.add_argument(
+        "--depth", type=_argument(parse_depth), default=None,
+        help="put the first supporting fact at this depth, in percent of the context (0-100; default: random)",
+    )
     generate.add_argument("--no-order-markers", action="store_true", help="no per-actor event counters (babilong)")
     generate.add_argument("--no-doc-index", action="store_true", help='no "doc_<i>:" document prefixes')
     generate.add_argument("--corpus", type=Path, default=None, help="plain-text haystack corpus (babilong)")
@@ -112,7 +113,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
         if all("context_tokens" in r for r in group):
             lines.append(f"  context tokens: {_spread([r['context_tokens'] for r in group], 0)}")
         if all(isinstance(r.get("depth"), (int, float)) for r in group):
-            lines.append(f"  depth of first supporting fact: {_spread([r['depth'] for r in group], 3)}")
+            lines.append(f"  depth of first supporting fact (%): {_spread([100 * r['depth'] for r in group])}")
         targets = sorted({r["length_tokens"] for r in group if "length_tokens" in r})
         if targets:
             lines.append(f"  target lengths: {', '.join(map(str, targets))}")

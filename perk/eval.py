@@ -21,7 +21,7 @@ from perk.engine import PerkModel
 from perk.evaluate import METHODS, evaluate
 from perk.models import load_base_model
 from perk.report import write_results
-from perk.tasks import TASKS, generate, parse_length, read_jsonl
+from perk.tasks import TASKS, generate, parse_depth, parse_length, read_jsonl
 from perk.train import FTIC_ADAPTER, PERK_DIR, RESOLVED_CONFIG, base_dtype, load_ftic_adapter, resolve_device
 
 
@@ -38,13 +38,6 @@ def _csv(parse, what):
     return convert
 
 
-def _depth(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 100:
-        raise ValueError("depths are percentages from 0 to 100")
-    return value
-
-
 def _method(text: str) -> str:
     if text.strip() not in METHODS:
         raise ValueError(f"choose from {', '.join(METHODS)}")
@@ -56,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run directory written by perk.train")
     parser.add_argument("--task", choices=TASKS, help="task to generate (default: the run's task)")
     parser.add_argument("--lengths", type=_csv(parse_length, "lengths"), help="context lengths, e.g. 1k,2k,4k (default: the run's)")
-    parser.add_argument("--depths", type=_csv(_depth, "depths"), help="depths (%%) of the first supporting fact, e.g. 0,50,100")
+    parser.add_argument("--depths", type=_csv(parse_depth, "depths"), help="depths (%%) of the first supporting fact, e.g. 0,50,100")
     parser.add_argument("--methods", type=_csv(_method, "methods"), default=list(METHODS), help="perk,zeroshot,ftic (default: all)")
     parser.add_argument("--n", type=int, default=20, help="problems per length (× depth) (default: 20)")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the generated problems (default: 1000)")
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for length in lengths
             for depth in depths
             for p in generate(task, args.n, length, pm.tokenizer, seed=args.seed,
-                              depth=None if depth is None else depth / 100,
+                              depth=depth,
                               order_markers=data["order_markers"], doc_index=data["doc_index"])
         ]
     ftic = load_ftic_adapter(args.checkpoint) if "ftic" in args.methods else None

@@ -23,7 +23,7 @@ def tokenizer_dir(tmp_path_factory):
 def test_generate_then_stats(tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "qa2.jsonl"
     argv = ["generate", "--task", "babilong/qa2", "--length", "2k", "--n", "7", "--seed", "3", "--out", str(out),
-            "--tokenizer", tokenizer_dir, "--depth", "0.5", "--no-order-markers", "--doc-tokens", "64"]
+            "--tokenizer", tokenizer_dir, "--depth", "50", "--no-order-markers", "--doc-tokens", "64"]
     assert main(argv) == 0
     records = read_jsonl(out)
     assert len(records) == 7
@@ -41,8 +41,8 @@ def test_generate_then_stats(tmp_path, tokenizer_dir, capsys):
         (["generate", "--task", "babilong/qa9", "--length", "1k", "--n", "2", "--out", "x.jsonl"], 2, "invalid choice"),
         (["generate", "--task", "babilong/qa1", "--length", "8q", "--n", "2", "--out", "x.jsonl"], 2, "8q"),
         (["generate", "--task", "babilong/qa1", "--length", "1k", "--n", "0", "--out", "x.jsonl"], 2, "positive"),
-        (["generate", "--task", "babilong/qa1", "--length", "1k", "--n", "2", "--out", "x.jsonl", "--depth", "2"], 2,
-         "depth"),
+        (["generate", "--task", "babilong/qa1", "--length", "1k", "--n", "2", "--out", "x.jsonl", "--depth", "101"], 2,
+         "percentage from 0 to 100"),
         (["generate", "--task", "babilong/qa1", "--length", "40", "--n", "2", "--out", "{tmp}/x.jsonl",
           "--tokenizer", "{tok}"], 1, "too short"),
         (["generate", "--task", "babilong/qa1", "--length", "1k", "--n", "2", "--out", "{tmp}/no/dir/x.jsonl",

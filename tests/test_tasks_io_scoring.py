@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from perk.tasks import exact_match, f1, generate, normalize_answer, parse_length, read_jsonl, write_jsonl
+from perk.tasks import (
+    exact_match,
+    f1,
+    generate,
+    normalize_answer,
+    parse_depth,
+    parse_length,
+    read_jsonl,
+    write_jsonl,
+)
 from tests.test_tasks_lengths import TOKENIZERS
 
 
@@ -27,6 +36,17 @@ def test_parse_length_rejects_malformed_lengths(text):
 def test_parse_length_rejects_other_types():
     with pytest.raises(TypeError, match="length"):
         parse_length(8.0)
+
+
+@pytest.mark.parametrize(("text", "fraction"), [("0", 0.0), ("50", 0.5), (" 12.5% ", 0.125), ("100", 1.0)])
+def test_parse_depth_takes_percent(text, fraction):
+    assert parse_depth(text) == fraction
+
+
+@pytest.mark.parametrize("text", ["", "half", "-1", "100.5", "1e3", "50%%"])
+def test_parse_depth_rejects_what_is_not_a_percentage(text):
+    with pytest.raises(ValueError, match="depth"):
+        parse_depth(text)
 
 
 @pytest.fixture(scope="module")

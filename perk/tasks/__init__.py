@@ -6,7 +6,7 @@ is the command line.
 """
 
 from perk.tasks.io import read_jsonl, validate_record, write_jsonl
-from perk.tasks.problem import Problem, parse_length
+from perk.tasks.problem import Problem, parse_depth, parse_length
 from perk.tasks.registry import BABILONG_TASKS, STUDENT_RECORDS_TASKS, TASKS, generate, iter_problems
 from perk.tasks.scoring import exact_match, f1, normalize_answer
 
@@ -20,6 +20,7 @@ __all__ = [
     "generate",
     "iter_problems",
     "normalize_answer",
+    "parse_depth",
     "parse_length",
     "read_jsonl",
     "validate_record",

@@ -1,4 +1,5 @@
-"""The record every task generator produces, and the parser for context lengths ("8k", "128K")."""
+"""The record every task generator produces, and the parsers for context lengths ("8k", "128K")
+and depths ("50", "12.5%")."""
 
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def parse_length(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"length must be positive, got {text!r}")
     return value
+
+
+def parse_depth(text: str) -> float:
+    """Parse a depth given in percent of the context (``"0"``, ``"50"``, ``"12.5%"``, ``"100"``) into
+    the fraction in [0, 1] that the generators take. Raises ValueError on anything else."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise ValueError(f"depth {text!r} is not a percentage like 0, 50 or 100") from None
+    if not 0.0 <= value <= 100.0:
+        raise ValueError(f"depth {text!r} is not a percentage from 0 to 100")
+    return value / 100.0
 
 
 @dataclasses.dataclass(frozen=True)
