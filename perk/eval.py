@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run directory written by perk.train")
     parser.add_argument("--task", choices=TASKS, help="task to generate (default: the run's task)")
     parser.add_argument("--lengths", type=_csv(parse_length, "lengths"), help="context lengths, e.g. 1k,2k,4k (default: the run's)")
-    parser.add_argument("--depths", type=_csv(parse_depth, "depths"), help="depths (%%) of the first supporting fact, e.g. 0,50,100")
+    parser.add_argument("--depths", type=_csv(parse_depth, "depths"),
+                        help="depths (%%) of the first supporting fact, e.g. 0,50,100")
     parser.add_argument("--methods", type=_csv(_method, "methods"), default=list(METHODS), help="perk,zeroshot,ftic (default: all)")
     parser.add_argument("--n", type=int, default=20, help="problems per length (× depth) (default: 20)")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the generated problems (default: 1000)")
