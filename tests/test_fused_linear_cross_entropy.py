@@ -12,7 +12,6 @@ from perk_kernels.fused_linear_cross_entropy import (
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 IGNORE = -100
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 def make_problem(rows, d, vocab, *, dtype=torch.float32, device=DEVICE, with_bias=False, ignore_every=5):
@@ -169,14 +168,14 @@ def test_bad_inputs_raise_clear_errors(changes, error, match):
         fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_device_mismatch_raises():
     hidden, weight, _, labels = make_problem(4, 8, 100)
     with pytest.raises(ValueError, match="weight is on cpu"):
         fused_linear_cross_entropy(hidden, weight.cpu(), labels)
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-4, 1e-4), (torch.bfloat16, 2e-2, 2e-2)])
 def test_gpu_matches_reference(dtype, atol, rtol):
     rows, d, vocab = 1000, 256, 32_003
@@ -195,7 +194,7 @@ def test_gpu_matches_reference(dtype, atol, rtol):
         torch.testing.assert_close(grad.float(), ref_grad.float(), atol=atol, rtol=rtol)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_gpu_peak_memory_is_bounded_by_the_chunk():
     rows, d, vocab, chunk = 4096, 128, 50_000, 256
     hidden, weight, _, labels = make_problem(rows, d, vocab, dtype=torch.bfloat16)

@@ -222,7 +222,7 @@ GPU_BACKENDS = [
 ]
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize(
     "dtype, lr_dtype, v_tol",
@@ -245,7 +245,7 @@ def test_gpu_backends_match_reference_on_views(backend, dtype, lr_dtype, v_tol, 
     assert count_gap_nans(problem[0]) == N_ADAPTERS * GAP * (len(GPU_SHAPES) + 1)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_backends_are_bitwise_deterministic(backend):
     # Large slices: many chunks per (adapter, tensor), where atomics would reorder the sum.
