@@ -13,7 +13,7 @@ import pytest
 import torch
 
 # conftest sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is first imported.
-from conftest import CUDA, DEVICE, DEVICE_NAME, SIZE, cuda_peak_extra_bytes, synchronize
+from conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
 
 from perk_kernels._utils import interpret_mode
 from perk_kernels.fused_linear_cross_entropy import (
@@ -53,13 +53,5 @@ def test_fused_linear_cross_entropy(benchmark, provider, rows):
     def run():
         return _forward_backward(provider, hidden, weight, labels, upstream)
 
-    benchmark.extra_info.update(device=DEVICE_NAME, size=SIZE, oom=False)
-    try:
-        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra_bytes(run)
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        benchmark.extra_info.update(oom=True, peak_extra_bytes=None)
-        benchmark.pedantic(lambda: None, rounds=1)
-        return
-    benchmark.extra_info["tflops"] = 4 * rows * VOCAB * D / benchmark.stats.stats.mean / 1e12
+    if time_kernel(benchmark, run, ROUNDS):
+        benchmark.extra_info["tflops"] = 4 * rows * VOCAB * D / benchmark.stats.stats.mean / 1e12

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # conftest sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is first imported.
-from conftest import CUDA, DEVICE, DEVICE_NAME, SIZE, cuda_peak_extra_bytes, synchronize
+from conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
 
 from perk_kernels import lora_inner_step, lora_linear, lora_linear_reference
 from perk_kernels._utils import interpret_mode
@@ -46,14 +46,7 @@ else:
 
 def _measure(benchmark, run, flops: float, n_bytes: float) -> None:
     """Time ``run`` and record throughput; an OOM becomes ``extra_info['oom']``, not a failure."""
-    benchmark.extra_info.update(device=DEVICE_NAME, size=SIZE, oom=False)
-    try:
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)  # warm-up also autotunes
-        benchmark.extra_info["peak_extra_bytes"] = cuda_peak_extra_bytes(run)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        benchmark.extra_info["oom"] = True
-        benchmark.pedantic(lambda: None, rounds=1)
+    if not time_kernel(benchmark, run, ROUNDS):
         return
     seconds = benchmark.stats.stats.mean
     benchmark.extra_info.update(tflops=flops / seconds / 1e12, gbps=n_bytes / seconds / 1e9)

@@ -23,13 +23,18 @@ if not _cuda_present():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need a CUDA device: skipped without one; ``pytest -m gpu`` runs them all."""
-    if _cuda_present():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """``gpu`` tests need a CUDA device (``pytest -m gpu`` runs just them); ``interpreter`` tests run
+    the Triton kernels on CPU tensors, which only Triton's interpreter can (CI's machines; on a CUDA
+    machine the gpu tests cover the kernels instead)."""
+    skips = {}
+    if not _cuda_present():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        skips["interpreter"] = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

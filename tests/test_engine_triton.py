@@ -8,9 +8,9 @@ from perk import PerkConfig, PerkModel
 from perk_kernels._utils import interpret_mode
 from tests.tiny_models import tiny_model_and_tokenizer
 
-pytestmark = pytest.mark.skipif(
-    not (interpret_mode() or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"
-)
+# The Triton kernels run on CUDA tensors, or on CPU tensors through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpret_mode(), reason="needs CUDA or TRITON_INTERPRET=1")
 
 PROBLEMS = [
     {"context": "Mary went to the kitchen. John went to the hall.", "question": "Where is Mary?", "answer": "kitchen"},
@@ -20,10 +20,12 @@ PROBLEMS = [
 
 def perk_on(backend):
     model, tokenizer = tiny_model_and_tokenizer("llama", attn_implementation="sdpa")
+    model.to(DEVICE)
     config = PerkConfig(rank=4, alpha=8.0, segment_len=16, inner_steps=2, unroll_steps=1)
     perk = PerkModel.from_base(model, tokenizer, config, backend=backend)
     with torch.no_grad():
-        perk.adapter_init.add_(0.02 * torch.randn(perk.adapter_init.shape, generator=torch.Generator().manual_seed(3)))
+        noise = torch.randn(perk.adapter_init.shape, generator=torch.Generator().manual_seed(3))
+        perk.adapter_init.add_(0.02 * noise.to(perk.adapter_init.device))
     return perk
 
 

@@ -77,12 +77,14 @@ SHAPES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", SHAPES)
 def test_matches_reference_unsorted_ids_and_empty_adapter(rows, d_in, d_out, r, n_adapters):
     problem = make_problem(rows, d_in, d_out, r, n_adapters)
     check_against_reference(problem, ids_unsorted_with_empty_adapter(rows, n_adapters), REL_TOL[torch.float32])
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("bias", [True, False])
 def test_no_adapter_ids_means_adapter_zero(bias):
     problem = make_problem(40, 36, 35, 8, 3, bias=bias)
@@ -92,6 +94,7 @@ def test_no_adapter_ids_means_adapter_zero(bias):
     assert_rel_close(y, lora_linear_reference(**problem, adapter_ids=zeros), REL_TOL[torch.float32], "y")
 
 
+@pytest.mark.interpreter
 def test_leading_dims_and_segments_reuse():
     """x (segments, seq, d_in) with ids (segments, seq); a LoraSegments gives the same result as raw ids."""
     problem = make_problem(0, 24, 40, 16, 3, lead=(6, 11))
@@ -113,12 +116,14 @@ def test_segments_metadata():
     assert segments.max_rows_per_adapter == 3 and segments.n_rows == 4
 
 
+@pytest.mark.interpreter
 def test_zero_rows():
     problem = make_problem(0, 9, 5, 4, 2)
     y = lora_linear(**problem, adapter_ids=torch.zeros(0, dtype=torch.int64), backend="triton")
     assert y.shape == (0, 5)
 
 
+@pytest.mark.interpreter
 def test_backward_row_splits_agree():
     """dA/dB summed over several programs per adapter equal the one-program sum."""
     rows, n_adapters = 90, 3
@@ -144,12 +149,14 @@ def test_backward_row_splits_agree():
     n_adapters=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.interpreter
 def test_hypothesis_random_layers(rows, d_in, d_out, r, n_adapters, seed):
     problem = make_problem(rows, d_in, d_out, r, n_adapters)
     ids = torch.randint(0, n_adapters, (rows,), generator=torch.Generator().manual_seed(seed))
     check_against_reference(problem, ids, REL_TOL[torch.float32])
 
 
+@pytest.mark.interpreter
 def test_gradcheck_float64_through_kernels():
     problem = make_problem(6, 5, 4, 2, 2, dtype=torch.float64)
     problem["lora_a"] = problem["lora_a"].detach().double().requires_grad_()
@@ -162,6 +169,7 @@ def test_gradcheck_float64_through_kernels():
     assert torch.autograd.gradcheck(fn, (problem["x"], problem["lora_a"], problem["lora_b"]), fast_mode=True)
 
 
+@pytest.mark.interpreter
 def test_reference_is_twice_differentiable_and_kernels_refuse_double_backward():
     problem = make_problem(5, 4, 3, 2, 2, dtype=torch.float64)
     a = problem["lora_a"].detach().double().requires_grad_()
@@ -178,6 +186,7 @@ def test_reference_is_twice_differentiable_and_kernels_refuse_double_backward():
         da.sum().backward()
 
 
+@pytest.mark.interpreter
 def test_broadcast_upstream_gradient():
     """y.sum() hands the backward a stride-0 gradient; the kernels read it through its strides."""
     problem = make_problem(37, 20, 33, 8, 2)
@@ -189,6 +198,7 @@ def test_broadcast_upstream_gradient():
         assert_rel_close(g, g_ref, REL_TOL[torch.float32], name)
 
 
+@pytest.mark.interpreter
 def test_weight_and_bias_get_no_gradient():
     problem = make_problem(8, 6, 5, 2, 1)
     problem["weight"].requires_grad_()
@@ -208,6 +218,7 @@ def autograd_node_names(t: torch.Tensor) -> set[str]:
     return names
 
 
+@pytest.mark.interpreter
 def test_backend_choice(monkeypatch):
     """Interpreter mode picks the kernels for CPU tensors; the environment variable overrides that."""
     problem = make_problem(10, 6, 5, 2, 1)
@@ -265,7 +276,7 @@ def test_segments_type_is_public():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16 first: fp32 GEMM configs compile slowly
 @pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", [(1000, 896, 4864, 16, 8), (333, 200, 130, 64, 3)])
 def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
     """On CUDA: fp32 against the fp32 reference, bf16 against the reference run in fp32 on the same inputs."""
