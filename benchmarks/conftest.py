@@ -232,30 +232,6 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_kernel(benchmark, run, rounds: int) -> bool:
-    """The kernel suites' measurement: one warm-up call (it compiles and autotunes, and creates
-    cuBLAS's workspace, none of which should count), the CUDA peak of one more call beyond what was
-    allocated before it (``peak_extra_bytes``; None on CPU), then ``rounds`` timed calls. A CUDA OOM
-    is recorded as ``oom`` (timing a no-op: pytest-benchmark allows one ``pedantic`` per test), not
-    raised; returns whether the calls ran."""
-    benchmark.extra_info.update(device=DEVICE_NAME, size=SIZE, oom=False, peak_extra_bytes=None)
-    try:
-        run()
-        if CUDA:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            benchmark.extra_info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
-    except torch.cuda.OutOfMemoryError:
-        free_memory()
-        benchmark.extra_info["oom"] = True
-        benchmark.pedantic(lambda: None, rounds=1)
-        return False
-    benchmark.pedantic(run, rounds=rounds)
-    return True
-
-
 def free_memory() -> None:
     gc.collect()
     if CUDA:
@@ -303,6 +279,28 @@ def _read_peak() -> int | None:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     return _proc_status_bytes("VmHWM") if CPU_PEAK_SUPPORTED else None
+
+
+def time_kernel(benchmark, run, rounds: int) -> bool:
+    """The kernel suites' measurement: one warm-up call (it compiles and autotunes, and creates
+    cuBLAS's workspace, none of which should count), the CUDA peak of one more call beyond what was
+    allocated before it (``peak_extra_bytes``; None on CPU), then ``rounds`` timed calls. A CUDA OOM
+    is recorded as ``oom`` (timing a no-op: pytest-benchmark allows one ``pedantic`` per test), not
+    raised; returns whether the calls ran."""
+    benchmark.extra_info.update(device=DEVICE_NAME, size=SIZE, oom=False, peak_extra_bytes=None)
+    try:
+        run()
+        if CUDA:  # on CPU the kernel suites record no peak (tiny sizes; RSS would show nothing)
+            before = _start_peak()
+            run()
+            benchmark.extra_info["peak_extra_bytes"] = _read_peak() - before
+    except torch.cuda.OutOfMemoryError:
+        free_memory()
+        benchmark.extra_info["oom"] = True
+        benchmark.pedantic(lambda: None, rounds=1)
+        return False
+    benchmark.pedantic(run, rounds=rounds)
+    return True
 
 
 @dataclass
