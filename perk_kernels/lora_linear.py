@@ -66,6 +66,21 @@ def _gemm_configs() -> list[triton.Config]:
     ]
 
 
+def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Small tiles only where ``tl.dot`` has no tensor cores (fp32 without TF32, fp64).
+
+    There it lowers to FMA loops: the large tensor-core tiles only spill registers and take
+    minutes to compile, so autotuning them is wasted time.
+    """
+    no_tensor_cores = named_args["x_ptr"].dtype == torch.float64 or (
+        named_args["x_ptr"].dtype == torch.float32 and kwargs.get("DOT_PRECISION") != "tf32"
+    )
+    if not no_tensor_cores:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return small or configs
+
+
 def _shrink_configs() -> list[triton.Config]:
     if interpret_mode():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
@@ -122,7 +137,7 @@ def _lora_shrink_kernel(
     )
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "R"])
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _lora_gemm_expand_kernel(

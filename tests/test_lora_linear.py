@@ -1,5 +1,7 @@
 """lora_linear: Triton kernels (through the interpreter on CPU) against the plain-torch reference."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +14,9 @@ from perk_kernels.lora_linear import (
     lora_segment_outer,
     lora_segments,
 )
+
+# The module itself: `perk_kernels.lora_linear` is also the name of the function it exports.
+lora_linear_module = importlib.import_module("perk_kernels.lora_linear")
 
 # Max error relative to the largest reference magnitude, by activation dtype.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -275,8 +280,24 @@ def test_segments_type_is_public():
     assert isinstance(lora_segments(torch.tensor([0]), 1), LoraSegments)
 
 
+@pytest.mark.parametrize(
+    "dtype,precision,pruned",
+    [(torch.bfloat16, "ieee", False), (torch.float32, "tf32", False), (torch.float32, "ieee", True), (torch.float64, "ieee", True)],
+)
+def test_gemm_autotuning_drops_large_tiles_without_tensor_cores(monkeypatch, dtype, precision, pruned):
+    """The GPU config list (read without the interpreter), pruned per call as the autotuner does."""
+    monkeypatch.setattr(lora_linear_module, "interpret_mode", lambda: False)
+    configs = lora_linear_module._gemm_configs()
+    kept = lora_linear_module._prune_gemm_configs(configs, {"x_ptr": torch.empty(1, dtype=dtype)}, DOT_PRECISION=precision)
+    if not pruned:
+        assert kept == configs
+        return
+    assert 0 < len(kept) < len(configs)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16 first: fp32 GEMM configs compile slowly
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16 first: its configs are the ones timed
 @pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", [(1000, 896, 4864, 16, 8), (333, 200, 130, 64, 3)])
 def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
     """On CUDA: fp32 against the fp32 reference, bf16 against the reference run in fp32 on the same inputs."""
