@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything a lent GPU is for, in one call that ends before a deadline: the GPU tests, then the
+# benchmark suite with whatever time the tests left. Results go to $OUT (the device tool's output
+# folder; benchmarks/results/ without it) and are written as they come, so a call killed at its
+# limit still returns the test log and environment.
+#
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [SECONDS]     # SECONDS: the whole call, default 540
+#
+# Run from the repository root; the project need not be installed (PYTHONPATH=. is set here).
+set -uo pipefail
+
+total=${1:-540}
+start=$(date +%s)
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+elapsed() { echo $(($(date +%s) - start)); }
+
+{
+    date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+    echo "command: OUT=\$OUT bash benchmarks/gpu_session.sh $total"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+} | tee "$out/environment.txt"
+
+# The tests get at most 40% of the call; the Triton kernels they compile stay in Triton's cache
+# for the benchmarks.
+timeout $((total * 2 / 5)) python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
+echo "gpu tests: exit ${PIPESTATUS[0]} after $(elapsed) s" | tee -a "$out/gpu-tests.log"
+
+# A benchmark call can outlast the budget it started under (the first size of a series is not
+# predicted), and the report needs a few seconds: keep a margin.
+budget=$((total - $(elapsed) - 60))
+if ((budget < 30)); then
+    echo "no time left for the benchmarks ($(elapsed) s of $total s spent)"
+    exit 1
+fi
+python3 benchmarks/run.py --budget "$budget" --out-dir "$out" 2>&1 | tee "$out/benchmarks.log"
+echo "benchmarks: exit ${PIPESTATUS[0]} after $(elapsed) s" | tee -a "$out/benchmarks.log"
