@@ -418,6 +418,13 @@ def pytest_runtest_setup(item):
         pytest.skip("benchmark time budget spent (PERK_BENCH_DEADLINE)")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_benchmark_generate_json(config, benchmarks, include_data, machine_info, commit_info):
+    """Leave out a benchmark cut off before its first round (Ctrl-C, ``timeout -s INT``):
+    pytest-benchmark would fail on its empty statistics and save none of the finished ones."""
+    benchmarks[:] = [bench for bench in benchmarks if bench]
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """The command that produced the file (``benchmarks/run.py`` passes its own)."""
     output_json["command"] = os.environ.get("PERK_BENCH_COMMAND") or " ".join(

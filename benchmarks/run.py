@@ -109,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         "--continue-on-collection-errors", *pytest_args,
     ]
     print("running:", shlex.join(pytest_command), flush=True)
-    code = subprocess.call(pytest_command, cwd=ROOT, env=benchmark_env(args.sizes, budget, command))
+    with subprocess.Popen(pytest_command, cwd=ROOT, env=benchmark_env(args.sizes, budget, command)) as pytest:
+        try:
+            code = pytest.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C and `timeout -s INT` reach pytest too: it stops and saves the benchmarks that
+            # finished. Wait for that, then report them.
+            code = pytest.wait()
     if json_path.is_file():
         for path in report.write_report([json_path]):
             print("wrote", path)
