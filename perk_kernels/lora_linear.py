@@ -72,10 +72,8 @@ def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs
     There it lowers to FMA loops: the large tensor-core tiles only spill registers and take
     minutes to compile, so autotuning them is wasted time.
     """
-    no_tensor_cores = named_args["x_ptr"].dtype == torch.float64 or (
-        named_args["x_ptr"].dtype == torch.float32 and kwargs.get("DOT_PRECISION") != "tf32"
-    )
-    if not no_tensor_cores:
+    tensor_cores = named_args["x_ptr"].dtype not in (torch.float32, torch.float64) or kwargs.get("DOT_PRECISION") == "tf32"
+    if tensor_cores:
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
     return small or configs
@@ -137,7 +135,9 @@ def _lora_shrink_kernel(
     )
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs})
+@triton.autotune(
+    configs=_gemm_configs(), key=["N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs}
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _lora_gemm_expand_kernel(
