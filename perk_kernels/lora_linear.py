@@ -72,7 +72,8 @@ def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs
     There it lowers to FMA loops: the large tensor-core tiles only spill registers and take
     minutes to compile, so autotuning them is wasted time.
     """
-    tensor_cores = named_args["x_ptr"].dtype not in (torch.float32, torch.float64) or kwargs.get("DOT_PRECISION") == "tf32"
+    dtype = named_args["x_ptr"].dtype
+    tensor_cores = dtype not in (torch.float32, torch.float64) or kwargs.get("DOT_PRECISION") == "tf32"
     if tensor_cores:
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
