@@ -36,15 +36,13 @@ def test_run_writes_json_summary_and_plots_with_every_field(tmp_path):
     assert data["command"].startswith("python benchmarks/run.py --sizes small")
     suites = {}
     for bench in data["benchmarks"]:
-        suite = bench["extra_info"].get("suite") or bench["fullname"].split("::")[0]
-        suites.setdefault(suite, []).append(bench)
-    assert {"encode_vs_prompt", "meta_step"} <= set(suites)
-    assert {"benchmarks/test_kernels.py", "benchmarks/test_fused_linear_cross_entropy.py"} <= set(suites)
-    for bench in suites["encode_vs_prompt"] + suites["meta_step"]:
+        suites.setdefault(bench["fullname"].split("::")[0].removeprefix("benchmarks/test_"), []).append(bench)
+    assert {"encode_vs_prompt.py", "meta_step.py", "kernels.py", "fused_linear_cross_entropy.py"} <= set(suites)
+    for bench in suites["encode_vs_prompt.py"] + suites["meta_step.py"]:
         info = bench["extra_info"]
         assert ENGINE_FIELDS <= set(info), (bench["name"], ENGINE_FIELDS - set(info))
         assert info["status"] == "ok" and info["seconds"] > 0 and info["tokens_per_s"] > 0, bench["name"]
-    providers = {b["extra_info"]["provider"] for b in suites["encode_vs_prompt"]}
+    providers = {b["extra_info"]["provider"] for b in suites["encode_vs_prompt.py"]}
     assert {"perk", "prompt", "naive"} <= providers
     stem = json_path.with_suffix("")
     assert "## Encode vs prompt" in stem.with_suffix(".md").read_text()

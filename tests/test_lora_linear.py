@@ -297,7 +297,7 @@ def test_gemm_autotuning_drops_large_tiles_without_tensor_cores(monkeypatch, dty
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16 first: its configs are the ones timed
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16, the engine's GPU dtype, first
 @pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", [(1000, 896, 4864, 16, 8), (333, 200, 130, 64, 3)])
 def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
     """On CUDA: fp32 against the fp32 reference, bf16 against the reference run in fp32 on the same inputs."""
