@@ -47,10 +47,13 @@ class PerkConfig:
     steps only; ``meta_grad`` picks how the Hessian-vector products are formed: ``"fd"``
     (central finite difference of two first-order passes, step ``fd_epsilon``), ``"exact"``
     (autograd double backward; switches the model to eager attention and the torch kernels for
-    the call) or ``"first_order"`` (no Hessian term). Clip factors and AdamW's moment statistics
-    are treated as constants in the meta-backward (see :mod:`perk.meta_gradient`). ``fd_epsilon``
-    is the length of the finite-difference step along a unit vector per adapter: its error is
-    O(ε²) from curvature plus O(rounding / ε); 1e-3 suits fp32 models, bf16 ones want more.
+    the call) or ``"first_order"`` (no Hessian term). SGD steps, gradient clipping included, are
+    differentiated exactly; with ``inner_optimizer="adamw"`` Adam's moment statistics are treated
+    as constants of the meta-backward, an approximation warned about once at run time (see
+    :mod:`perk.meta_gradient`). ``fd_epsilon`` is the length of the finite-difference step along a
+    unit vector per adapter; None (the default) picks it from the base model's compute dtype and
+    the adapter's norm (``perk.meta_gradient.fd_step``: ε = 0.008·‖φ‖ for a bf16 model, 0.004·‖φ‖
+    for fp16, 0.0002·‖φ‖ for fp32 and fp64), so no precision needs tuning; a number overrides it.
 
     Token weighting (``token_weighting``, off by default) puts a meta-learned weight in (0, 2) on
     every context token's NLL, from an MLP (``weighting_hidden`` units) on the base model's
@@ -70,13 +73,13 @@ class PerkConfig:
     inner_steps: int = option(4, "inner SGD steps N that write the context into the adapter")
     unroll_steps: int = option(2, "last T inner steps the meta-gradient flows through")
     inner_lr: float | None = option(None, "initial inner learning rate lr0 (none: 0.7 for sgd, 1e-3 for adamw)")
-    inner_optimizer: str = option("sgd", "inner optimizer: sgd or adamw")
+    inner_optimizer: str = option("sgd", "inner optimizer: sgd or adamw (adamw: the meta-gradient treats Adam's moments as constants)")
     inner_weight_decay: float = option(0.0, "decoupled weight decay of the inner steps")
     inner_max_grad_norm: float | None = option(None, "per-adapter gradient clipping of the inner steps (none: off)")
     adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas of the inner steps")
     adam_eps: float = option(1e-8, "AdamW epsilon of the inner steps")
     meta_grad: str = option("fd", "Hessian-vector products of the meta-gradient: fd, exact or first_order")
-    fd_epsilon: float = option(1e-3, "finite-difference step of the fd mode")
+    fd_epsilon: float | None = option(None, "finite-difference step of the fd mode (none: chosen from the base model's dtype and the adapter's norm)")
     token_weighting: bool = option(False, "meta-learn weights on the context tokens' losses")
     weighting_hidden: int = option(32, "hidden units of the token-weighting MLP")
     micro_batch_tokens: int = option(4096, "segment tokens per forward/backward (bounds activation memory)")
@@ -100,7 +103,8 @@ class PerkConfig:
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _check_choice("dtype", self.dtype, tuple(DTYPES))
         _check_positive("alpha", self.alpha)
-        _check_positive("fd_epsilon", self.fd_epsilon)
+        if self.fd_epsilon is not None:
+            _check_positive("fd_epsilon", self.fd_epsilon)
         _check_positive("adam_eps", self.adam_eps)
         if self.inner_lr is not None:
             _check_positive("inner_lr", self.inner_lr)

@@ -32,7 +32,7 @@ import perk_kernels
 from perk.config import PerkConfig
 from perk.lora import AdapterContext, AdapterLayout, inject_lora
 from perk.memory import Memory
-from perk.meta_gradient import InnerOptimizer, InnerStepRecord, walk_back
+from perk.meta_gradient import InnerOptimizer, InnerStepRecord, walk_back, warn_adam_constants
 from perk.segments import (
     IGNORE_INDEX,
     TokenBatch,
@@ -334,6 +334,7 @@ class PerkModel:
         """
         start = time.perf_counter()
         segments, answers = self._problem_batches(problems)
+        warn_adam_constants(self.config)
         if self.config.meta_grad == "exact":
             loss, grads, stats = self._meta_gradient_exact(segments, answers)
         else:
@@ -383,14 +384,13 @@ class PerkModel:
             bad = ~(result.losses.isfinite() & result.grad.isfinite().all(1))
             if bad.any():
                 grad, step_lr = self._handle_nonfinite(n, bad, grad, step_lr, skipped)
-            direction, precondition = optimizer.direction(grad, phi, n)
+            direction, record = optimizer.step(
+                grad, phi, step_lr, n, record=record_from is not None,
+                unrolled=record_from is not None and n >= record_from,
+            )
             losses[n] = result.losses.detach().cpu()
-            if record_from is not None:
-                keep = n >= record_from
-                records.append(InnerStepRecord(
-                    direction.detach(), step_lr.detach(),
-                    phi.detach().clone() if keep else None, precondition if keep else None,
-                ))
+            if record is not None:
+                records.append(record)
             # φ ← φ − α ⊙ d. Without a graph: one fused launch over every tensor group, in place
             # in the flat buffer. With one (exact mode): the same update as differentiable ops on
             # the flat buffer (α expanded from groups to elements), which autograd goes through.
@@ -436,7 +436,7 @@ class PerkModel:
 
         meta = walk_back(
             records, outer.grad, gradient_at, group_index=self.group_index, group_sizes=self.group_sizes,
-            weight_decay=config.inner_weight_decay, fd_epsilon=config.fd_epsilon,
+            weight_decay=config.inner_weight_decay, compute_dtype=self.model.dtype, fd_epsilon=config.fd_epsilon,
             token_weight_scale=None if weights is None else segments.loss_weights.to(self.dtype),
             row_adapters=segments.row_adapters, backend=self.context.backend,
         )

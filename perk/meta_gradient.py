@@ -3,41 +3,76 @@
 All tensors here are flat: adapters ``φ (n_adapters, P)``, learning-rate tables ``(n_adapters, G)``
 over the tensor groups of an :class:`~perk.lora.AdapterLayout`. An inner step is
 
-    φ_{n+1} = φ_n − α_n ⊙ d_n,      d_n = P_n ⊙ g_n + (rest, constant in φ) + λ φ_n
+    φ_{n+1} = φ_n − α_n ⊙ (D_n(g_n) + λ φ_n),      g_n = ∇_φ L_in(φ_n)
 
-with ``g_n = ∇_φ L_in(φ_n)``, α_n the per-group rates expanded to elements, and P_n the part of
-the update rule that multiplies the current gradient, treated as a constant in the meta-backward:
+with α_n the per-group rates expanded to elements and D_n the update rule's map from the current
+gradient to the step direction:
 
-* SGD: ``d = c·g + λφ``; ``P = c``, the per-adapter clip factor ``min(1, max_norm / ‖g‖)`` (1 if
-  no clipping). The clip factor is a constant: its dependence on φ is not differentiated.
-* AdamW: ``m ← β1·m + (1−β1)·g``, ``s ← β2·s + (1−β2)·g²``, ``d = m̂ / (√ŝ + eps) + λφ``.
-  Adam's moment statistics are constants of the meta-backward: the earlier steps' part of m
-  and the whole denominator √ŝ + eps do not carry derivatives, only the current gradient's
-  share of m does, so ``P = (1−β1) / ((1−β1ⁿ⁺¹)(√ŝ + eps))`` (elementwise).
+* SGD: ``D(g) = c(g)·g`` with the per-adapter clip factor ``c(g) = min(1, M / (‖g‖ + 10⁻⁶))``
+  (1 without clipping). The clip factor depends on φ through g and is differentiated exactly:
+  where it clips, ``∂D/∂g = c·(I − g gᵀ / ((‖g‖ + 10⁻⁶)‖g‖))``.
+* AdamW: ``m ← β1·m + (1−β1)·g``, ``s ← β2·s + (1−β2)·g²``, ``D = m̂ / (√ŝ + eps)``. Adam's
+  moment statistics are treated as constants of the meta-backward (an approximation, warned
+  about once at run time): the earlier steps' part of m and the whole denominator √ŝ + eps carry
+  no derivative, only the current gradient's share of m does, so
+  ``∂D/∂g = (1−β1) / ((1−β1ⁿ⁺¹)(√ŝ + eps))`` (elementwise). Differentiating them exactly is
+  ill-posed where a gradient element is 0 (the Jacobian of m̂/(√ŝ+eps) there is ~1/eps).
 
-Its transposed Jacobian is ``J_nᵀ v = v − H_n u − λ α_n⊙v`` with ``u = P_n ⊙ α_n ⊙ v`` and H_n the
-Hessian of L_in at φ_n. Walking back from ``v_N = ∇ L_out(φ_N)``:
+With ``Jg = ∂D/∂g`` (symmetric in every rule above) the step's transposed Jacobian is
+``J_nᵀ v = v − H_n u − λ α_n⊙v`` with ``u = Jg (α_n ⊙ v)`` and H_n the Hessian of L_in at φ_n.
+Walking back from ``v_N = ∇ L_out(φ_N)``:
 
-* ``∂L/∂α_n = −⟨d_n, v_{n+1}⟩`` per (adapter, group), every step;
+* ``∂L/∂α_n = −⟨d_n, v_{n+1}⟩`` per (adapter, group), every step (d_n = D_n(g_n) + λφ_n);
 * unrolled steps (the last T): ``v_n = J_nᵀ v_{n+1}``, with ``H u`` by a central finite difference
-  of two first-order passes, per adapter ``‖u‖·[g(φ+εû) − g(φ−εû)]/2ε`` (û = u/‖u‖);
+  of two first-order passes, per adapter ``‖u‖·[g(φ+εû) − g(φ−εû)]/2ε`` (û = u/‖u‖, ε from
+  :func:`fd_step`);
 * truncated steps: the gradient term is a constant, ``v_n = v_{n+1} − λ α_n⊙v_{n+1}``;
 * ``∂L/∂θ = Σ_adapters v_0`` (every adapter starts at the shared init θ).
 
 A token-weighting model (weights w_t on the inner token NLLs, ``g = Σ_t c_t w_t ∇ℓ_t``) gets
 ``∂L/∂w_t = −c_t ⟨∇ℓ_t(φ_n), u⟩`` from every unrolled step, which the same two passes give as
 ``c_t ‖u‖ [ℓ_t(φ+εû) − ℓ_t(φ−εû)]/2ε``. ``first_order`` mode is the same walk with no unrolled step.
+
+The finite-difference step (:func:`fd_step`): the central difference errs by ``O(ε²)`` from
+curvature (truncation) plus ``O(δ/ε)`` from the rounding of the two gradients in the forward's
+compute dtype (δ its machine epsilon), so the error is smallest at ``ε ∝ δ^(1/3)·x_c`` with x_c the
+scale over which the gradient's curvature changes (the classic rule for numerical derivatives,
+e.g. Numerical Recipes §5.7). perk takes ``x_c = max(‖φ_n‖, 1)`` per adapter, and δ at least
+fp32's: Hugging Face models run their norms and softmax in fp32 even in a float64 model, and
+gradients accumulate in fp32. The constant κ in ``ε = κ·δ^(1/3)·x_c`` was measured on
+SmolLM2-135M (see :data:`FD_STEP_SCALE`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 import perk_kernels
 from perk.config import PerkConfig
+
+
+# κ of fd_step. On SmolLM2-135M (rank 8 and 32, bf16 base) the fd meta-gradient is at the bf16
+# ceiling (the cosine of exact double backward in bf16 to the fp32 reference) for ε between
+# 0.004·‖φ‖ and 0.013·‖φ‖; κ·δ_bf16^(1/3) = 0.04 · 0.198 puts ε at 0.008·‖φ‖, inside that range.
+FD_STEP_SCALE = 0.04
+_warned_adam_constants = False
+
+
+def fd_step(phi: torch.Tensor, compute_dtype: torch.dtype, fd_epsilon: float | None = None) -> torch.Tensor:
+    """(n_adapters, 1) ε of the central difference at the adapters ``phi`` (n_adapters, P).
+
+    ``fd_epsilon`` overrides the rule; otherwise ``ε = κ·δ^(1/3)·max(‖φ‖, 1)`` per adapter, with δ
+    the machine epsilon of ``compute_dtype`` (the base model's), at least fp32's (module docstring).
+    """
+    if fd_epsilon is not None:
+        return torch.full((phi.shape[0], 1), float(fd_epsilon), dtype=phi.dtype, device=phi.device)
+    roundoff = max(torch.finfo(compute_dtype).eps, torch.finfo(torch.float32).eps)
+    scale = phi.norm(dim=1, keepdim=True).clamp_min(1.0)
+    return FD_STEP_SCALE * roundoff ** (1 / 3) * scale
 
 
 @dataclass
@@ -47,13 +82,24 @@ class InnerStepRecord:
     direction: (n_adapters, P) d_n.
     lr: (n_adapters, G) the rates used (0 for adapters whose step was skipped).
     phi: (n_adapters, P) φ_n, kept for unrolled steps only.
-    precondition: P_n, (n_adapters, 1) or (n_adapters, P), unrolled steps only.
+    precondition: the diagonal part of ∂D/∂g, (n_adapters, 1) or (n_adapters, P); unrolled steps only.
+    clip_grad: (n_adapters, P) g_n, kept for unrolled SGD steps where some adapter is clipped.
+    clip_coef: (n_adapters, 1) c / ((‖g‖ + 10⁻⁶)‖g‖) for clipped adapters, 0 for the others.
     """
 
     direction: torch.Tensor
     lr: torch.Tensor
     phi: torch.Tensor | None = None
     precondition: torch.Tensor | None = None
+    clip_grad: torch.Tensor | None = None
+    clip_coef: torch.Tensor | None = None
+
+    def hessian_input(self, w: torch.Tensor) -> torch.Tensor:
+        """``u = (∂D/∂g) w``: the vector whose Hessian product the step's Jacobian needs."""
+        u = self.precondition * w
+        if self.clip_grad is not None:
+            u = u - self.clip_coef * (self.clip_grad * w).sum(1, keepdim=True) * self.clip_grad
+        return u
 
 
 @dataclass
@@ -71,9 +117,12 @@ class MetaGradient:
 class InnerOptimizer:
     """The inner update rule (SGD or AdamW) on flat adapters; see the module docstring.
 
-    ``direction`` may be given gradients that carry a graph (``exact`` mode): the clip factor and
-    Adam's statistics are detached there too, so every mode differentiates the same function.
+    ``step`` may be given gradients that carry a graph (``exact`` mode): the clip factor is then
+    differentiated by autograd, and Adam's statistics are detached, so every mode differentiates
+    the same function.
     """
+
+    CLIP_EPS = 1e-6  # keeps the clip factor finite for an all-zero gradient
 
     def __init__(self, config: PerkConfig):
         self.kind = config.inner_optimizer
@@ -84,11 +133,19 @@ class InnerOptimizer:
         self.first_moment: torch.Tensor | None = None
         self.second_moment: torch.Tensor | None = None
 
-    def direction(self, grad: torch.Tensor, phi: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(d_n, P_n)`` for the gradient ``grad`` at ``phi`` (both (n_adapters, P)), step ``step`` ≥ 0."""
+    def step(
+        self, grad: torch.Tensor, phi: torch.Tensor, lr: torch.Tensor, step: int, *, record: bool, unrolled: bool
+    ) -> tuple[torch.Tensor, InnerStepRecord | None]:
+        """``d_n`` for the gradient ``grad`` at ``phi`` (both (n_adapters, P)), step ``step`` ≥ 0, and
+        (with ``record``) what the walk-back needs of the step (φ and ∂D/∂g when ``unrolled``)."""
+        clip_grad = clip_coef = None
         if self.kind == "sgd":
-            precondition = self._clip_factor(grad)
+            precondition, clip_coef = self._clip(grad)
             direction = precondition * grad
+            if unrolled and record and bool((clip_coef > 0).any()):
+                clip_grad = grad.detach()
+            else:
+                clip_coef = None
         else:
             beta1, beta2 = self.betas
             if self.first_moment is None:
@@ -103,13 +160,44 @@ class InnerOptimizer:
             precondition = (1 - beta1) / (bias1 * denominator)
         if self.weight_decay:
             direction = direction + self.weight_decay * phi
-        return direction, precondition
+        if not record:
+            return direction, None
+        return direction, InnerStepRecord(
+            direction.detach(), lr.detach(),
+            phi.detach().clone() if unrolled else None,
+            precondition.detach() if unrolled else None,
+            clip_grad, clip_coef.detach() if clip_grad is not None else None,
+        )
 
-    def _clip_factor(self, grad: torch.Tensor) -> torch.Tensor:
+    def _clip(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, k) per adapter: the clip factor c (with its graph when ``grad`` has one) and the
+        coefficient k = c / ((‖g‖ + 10⁻⁶)‖g‖) of its derivative where it clips (0 elsewhere)."""
+        ones = torch.ones(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
         if self.max_grad_norm is None:
-            return torch.ones(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
-        norm = grad.detach().norm(dim=1, keepdim=True)
-        return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            return ones, torch.zeros_like(ones)
+        norm = grad.norm(dim=1, keepdim=True)
+        factor = self.max_grad_norm / (norm + self.CLIP_EPS)
+        clipped = factor < 1
+        factor = torch.where(clipped, factor, ones)
+        norm = norm.detach()
+        coef = torch.where(clipped, factor.detach() / ((norm + self.CLIP_EPS) * norm.clamp_min(self.CLIP_EPS)), 0.0)
+        return factor, coef
+
+
+def warn_adam_constants(config: PerkConfig) -> None:
+    """Warn once per process that AdamW's moment statistics are constants of the meta-gradient."""
+    global _warned_adam_constants
+    if config.inner_optimizer != "adamw" or config.meta_grad == "first_order" or _warned_adam_constants:
+        return
+    _warned_adam_constants = True
+    warnings.warn(
+        "inner_optimizer='adamw': the meta-gradient treats Adam's moment statistics as constants "
+        "(only the current gradient's share of the first moment is differentiated), so it is an "
+        "approximation of the meta-loss gradient; inner_optimizer='sgd' (with or without clipping) "
+        "is differentiated exactly",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def walk_back(
@@ -120,7 +208,8 @@ def walk_back(
     group_index: torch.Tensor,
     group_sizes: torch.Tensor,
     weight_decay: float,
-    fd_epsilon: float,
+    compute_dtype: torch.dtype,
+    fd_epsilon: float | None = None,
     token_weight_scale: torch.Tensor | None = None,
     row_adapters: torch.Tensor | None = None,
     backend: str | None = None,
@@ -133,7 +222,9 @@ def walk_back(
         gradient_at: ``φ ↦ (∇_φ L_in(φ), per-token losses or None)``, one first-order pass.
         group_index: (P,) tensor group of each element; group_sizes: (G,) elements per group.
         weight_decay: λ of the update rule.
-        fd_epsilon: ε of the central difference (along unit vectors, per adapter).
+        compute_dtype: dtype of the forward passes (the base model's), for the automatic ε.
+        fd_epsilon: ε of the central difference (along unit vectors, per adapter); None picks
+            it per adapter and step with :func:`fd_step`.
         token_weight_scale: (rows, seq) c_t·w-free factor of each token in L_in (its loss
             weight), to return ∂L/∂w; None when there is no token weighting.
         row_adapters: (rows,) adapter of each context row (with ``token_weight_scale``).
@@ -155,12 +246,13 @@ def walk_back(
         # One fused op per step: ∂α_n = −⟨d_n, v_{n+1}⟩ per group (with v before its update),
         # then v ← v − ‖u‖/2ε · (g⁺ − g⁻) for unrolled steps.
         if record.phi is not None:
-            u = record.precondition * scaled  # (n_adapters, P)
+            u = record.hessian_input(scaled)  # (n_adapters, P)
             norm = u.norm(dim=1, keepdim=True)
             unit = u / norm.clamp_min(torch.finfo(u.dtype).tiny)
-            grad_plus, losses_plus = gradient_at(record.phi + fd_epsilon * unit)
-            grad_minus, losses_minus = gradient_at(record.phi - fd_epsilon * unit)
-            coef = norm / (2 * fd_epsilon)  # (n_adapters, 1)
+            step = fd_step(record.phi, compute_dtype, fd_epsilon)  # (n_adapters, 1)
+            grad_plus, losses_plus = gradient_at(record.phi + step * unit)
+            grad_minus, losses_minus = gradient_at(record.phi - step * unit)
+            coef = norm / (2 * step)  # (n_adapters, 1)
             perk_kernels.meta_grad_accumulate(
                 v_groups, by_group(record.direction), by_group(grad_plus), by_group(grad_minus), coef.view(-1),
                 lr_grad[n], backend=backend,

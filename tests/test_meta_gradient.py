@@ -137,7 +137,8 @@ def test_fd_matches_exact_for_every_update_rule(options):
 
 def reference_truncated_meta_loss(perk):
     """The truncated objective of DESIGN §4, built independently of the engine's inner loop:
-    steps n < N − T use detached gradients, later ones keep their graph (create_graph)."""
+    steps n < N − T use detached gradients, later ones keep their graph (create_graph). SGD
+    only, with the engine's per-adapter clipping when ``inner_max_grad_norm`` is set."""
     config, tokenizer = perk.config, perk.tokenizer
     segments = context_segments(tokenizer, [p["context"] for p in PROBLEMS], config.segment_len)
     answers = question_answer_batch(
@@ -163,6 +164,8 @@ def reference_truncated_meta_loss(perk):
         else:
             point = phi.detach().requires_grad_()
             (grad,) = torch.autograd.grad(loss(segments, point), point)
+        if config.inner_max_grad_norm is not None:  # per-adapter clipping, differentiated by autograd
+            grad = grad * (config.inner_max_grad_norm / (grad.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
         phi = phi - rates[n][group_of_element] * grad
     return loss(answers, phi, scale=1.0 / len(PROBLEMS))
 
