@@ -8,10 +8,13 @@ functions (perk.tasks.api_pool). The question is an instruction derived from one
 description ("Instruction: Write an API implementation that returns ..."); the answer is that
 API's call, as between its ``<api>`` tags; the supporting fact is its document.
 
-Distractor documents are the rest of the pool in random order, each added while it fits the target
-length (so the context ends short of it by less than the shortest document left out); only a
-context longer than the whole pool repeats documents. The answer's document goes at a random position, or, with
-``depth``, at the document boundary nearest ``depth`` × length.
+Distractor documents are the rest of the pool in random order, each added while it fits the
+target length (so the context ends short of it by less than the shortest document left out); only
+a context longer than the whole pool repeats documents. The answer's document goes at a random
+position, or, with ``depth``, at the document boundary nearest ``depth`` × length.
+
+Documents are 88-173 SmolLM2 tokens (median 111): the longest do not fit one 128-token segment and
+are split across two by the encoder, as the official LongGorilla documents (often longer) are.
 """
 
 from __future__ import annotations
