@@ -2,9 +2,13 @@
 
     python -m perk.data generate --task babilong/qa2 --length 8k --n 500 --seed 0 --out qa2_8k.jsonl
     python -m perk.data generate --task student_records/aggregate --length 32k --n 100 --out agg.jsonl
+    python -m perk.data generate --task longgorilla/stdlib --length 8k --n 100 --depth 50 --out api.jsonl
     python -m perk.data stats qa2_8k.jsonl
+    python -m perk.data stats official/student_records/recall.json
 
-Lengths are counted with ``--tokenizer`` (default: the embedded SmolLM2's). Output is written
+``stats`` reads every form perk.tasks.read_problems() reads: JSONL, a JSON array, a single
+(pretty-printed) JSON object, and a Student Records database with its questions (one problem per
+question), as the official PERK data comes. Lengths are counted with ``--tokenizer`` (default: the embedded SmolLM2's). Output is written
 atomically; bad input ends with a one-line error and a non-zero exit status.
 """
 
@@ -21,7 +25,7 @@ from tqdm import tqdm
 
 from perk.cli import ArgumentParser, run_main
 from perk.models import load_tokenizer
-from perk.tasks import TASKS, iter_problems, parse_depth, parse_length, read_jsonl, write_jsonl
+from perk.tasks import TASKS, iter_problems, parse_depth, parse_length, read_problems, write_jsonl
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
 
 
@@ -71,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"most tokens per babilong document (default {DEFAULT_DOC_TOKENS})",
     )
 
-    stats = commands.add_parser("stats", help="summarise a JSONL dataset")
+    stats = commands.add_parser(
+        "stats", help="summarise a dataset: JSONL, a JSON array or object, or a Student Records database"
+    )
     stats.add_argument("file", type=Path)
     return parser
 
@@ -121,7 +127,7 @@ def summarize(records: list[dict[str, Any]]) -> str:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    records = read_jsonl(args.file)
+    records = read_problems(args.file)
     if not records:
         raise ValueError(f"{args.file} holds no problems")
     print(summarize(records))

@@ -3,9 +3,12 @@
     python -m perk.eval --checkpoint runs/default --task babilong/qa1 --lengths 1k,2k,4k \\
         [--depths 0,25,50,75,100] [--methods perk,zeroshot,ftic] [--n 20] [--data FILE.jsonl]
 
-Problems are generated offline per length (× depth) or read from a JSONL file in the tasks'
-format. Accuracy (exact match), token F1 and constrained-choice accuracy per method × length
-(× depth) are printed and written to ``<out>/eval.{json,md}`` with plots ``eval_vs_length.png``
+Problems are generated offline per length (× depth) or read from a dataset file (``--data``;
+default: the run's ``data.eval_file`` when it has one and no --task, --lengths or --depths is
+given): JSONL, a JSON array or object, or a Student Records database with questions, the
+official PERK data as it comes. A run trained on support-then-answer targets is evaluated on
+them too, scored on the output part. Accuracy (exact match), token F1 and constrained-choice
+accuracy per method × length (× depth) are printed and written to ``<out>/eval.{json,md}`` with plots ``eval_vs_length.png``
 and ``eval_vs_depth.png`` (default ``<out>``: ``<checkpoint>/eval``).
 """
 
@@ -18,10 +21,10 @@ import yaml
 
 from perk.cli import ArgumentParser, UsageError, run_main
 from perk.engine import PerkModel
-from perk.evaluate import METHODS, evaluate
+from perk.evaluate import METHODS, answer_budget, evaluate
 from perk.models import load_base_model
 from perk.report import write_results
-from perk.tasks import TASKS, generate, parse_depth, parse_length, read_jsonl
+from perk.tasks import TASKS, generate, parse_depth, parse_length, read_problems, with_support_target
 from perk.train import FTIC_ADAPTER, PERK_DIR, RESOLVED_CONFIG, base_dtype, load_ftic_adapter, resolve_device
 
 
@@ -54,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", type=_csv(_method, "methods"), default=list(METHODS), help="perk,zeroshot,ftic (default: all)")
     parser.add_argument("--n", type=int, default=20, help="problems per length (× depth) (default: 20)")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the generated problems (default: 1000)")
-    parser.add_argument("--data", type=Path, help="evaluate on this JSONL file instead of generated problems")
+    parser.add_argument("--data", type=Path, help="evaluate on this dataset file (JSONL, JSON array or object, "
+                        "Student Records database) instead of generated problems")
     parser.add_argument("--out", type=Path, help="output folder (default: <checkpoint>/eval)")
     parser.add_argument("--model", help="base model (default: the run's); must match the checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -91,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     pm, run_config = load_run(args.checkpoint, args.model, device)
     data = run_config["data"]
 
-    if args.data is not None:
-        problems = read_jsonl(args.data)
+    data_file = args.data
+    generating = args.task is not None or args.lengths is not None or args.depths is not None
+    if data_file is None and data.get("eval_file") and not generating:
+        data_file = Path(data["eval_file"])
+    if data_file is not None:
+        problems = read_problems(data_file)
     else:
         task = args.task or data["task"]
         lengths = args.lengths or [data["context_tokens"]]
@@ -105,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                               depth=depth,
                               order_markers=data["order_markers"], doc_index=data["doc_index"])
         ]
+    if data.get("support_targets"):
+        problems = [with_support_target(p) for p in problems]
     ftic = load_ftic_adapter(args.checkpoint) if "ftic" in args.methods else None
-    max_new_tokens = args.max_new_tokens or run_config.get("max_new_tokens", 8)
+    max_new_tokens = answer_budget(pm.tokenizer, problems, args.max_new_tokens or run_config.get("max_new_tokens", 8))
     predictions = evaluate(pm, problems, args.methods, ftic_adapter=ftic, max_new_tokens=max_new_tokens,
                            batch_size=args.batch)
     out = args.out or args.checkpoint / "eval"

@@ -11,7 +11,9 @@ Methods:
 Every method is scored by exact match and token F1 of its greedy answer and, when the problem
 has a closed answer set, by constrained choice: the choice with the highest log-likelihood after
 the prompt (an instruct model with the context in its prompt tends to answer in sentences, which
-exact match counts as wrong).
+exact match counts as wrong). Answers trained in the official support-then-answer form
+(``<support>…</support>\n<output>…</output>``) are scored on their output part, the gold answer's
+and the prediction's alike (perk.tasks.answer_part).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from perk.engine import PerkModel
 from perk.report import Prediction
 from perk.segments import answer_text, build_prompt
-from perk.tasks import exact_match, f1
+from perk.tasks import answer_part, exact_match, f1
 
 METHODS = ("perk", "zeroshot", "ftic")
 
@@ -83,8 +85,19 @@ def choice_log_likelihoods(
     return scores
 
 
+def answer_budget(tokenizer, problems: Sequence[dict], max_new_tokens: int) -> int:
+    """``max_new_tokens``, raised to the longest gold answer (+2) when answers are support-then-answer
+    targets: generation cut off before the ``<output>`` part could never be scored right."""
+    targets = [p["answer"] for p in problems if "<output>" in p["answer"]]
+    if not targets:
+        return max_new_tokens
+    longest = max(len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"])
+    return max(max_new_tokens, longest + 2)
+
+
 def _scored(method: str, problem: dict, text: str, choice: str | None, truncated: bool) -> Prediction:
-    answer = problem["answer"]
+    answer = answer_part(problem["answer"])
+    predicted = answer_part(text)
     return Prediction(
         method=method,
         task=problem.get("task", "custom"),
@@ -93,8 +106,8 @@ def _scored(method: str, problem: dict, text: str, choice: str | None, truncated
         question=problem["question"],
         answer=answer,
         prediction=text,
-        exact_match=exact_match(text, answer),
-        f1=f1(text, answer),
+        exact_match=exact_match(predicted, answer),
+        f1=f1(predicted, answer),
         choice=choice,
         truncated=truncated,
     )

@@ -6,7 +6,8 @@ defaults scale up. The run reads top to bottom:
 
 1. config: dataclass defaults (CPU or GPU sized), then ``--config FILE.yaml``, then ``--key value``;
 2. data: training and held-out problems generated offline (perk.tasks), lengths in the base
-   model's tokens;
+   model's tokens, or read from dataset files (``--data.train_file``, ``--data.eval_file``: the
+   official PERK data as it comes), optionally as support-then-answer targets;
 3. meta-training: Adam on PERK's meta-parameters (adapter init θ, inner learning rates) with
    ``PerkModel.meta_gradient`` on meta-batches of problems;
 4. FT-ICR: a LoRA of the same rank trained on the same problems, batches and number of steps,
@@ -48,10 +49,10 @@ from perk.cli import (
 )
 from perk.config import PerkConfig
 from perk.engine import PerkModel
-from perk.evaluate import METHODS, evaluate
+from perk.evaluate import METHODS, answer_budget, evaluate
 from perk.models import DEFAULT_MODEL, load_base_model
 from perk.report import write_results
-from perk.tasks import TASKS, generate
+from perk.tasks import TASKS, generate, read_problems, with_support_target
 
 RESOLVED_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -64,11 +65,26 @@ PHASES = ("perk", "ftic")
 class DataConfig:
     task: str = field("babilong/qa1", f"task to train and evaluate on: {', '.join(TASKS)}")
     context_tokens: int = field(256, "context length of every problem, in the base model's tokens")
-    train_problems: int = field(256, "generated training problems")
-    eval_problems: int = field(20, "generated held-out problems (another seed) for the final evaluation")
+    train_problems: int = field(256, "training problems: generated, or the first ones of data.train_file")
+    eval_problems: int = field(
+        20, "held-out problems for the final evaluation: generated (another seed), the first ones of "
+        "data.eval_file, or the last ones of data.train_file"
+    )
     order_markers: bool = field(True, "prefix bAbI facts with per-actor event counters ('Mary Event 3: ...')")
     doc_index: bool = field(True, "prefix every document with its index ('doc_12: ...')")
     seed: int = field(0, "seed of the training problems (held-out problems use seed + 1)")
+    train_file: str | None = field(
+        None, "train on this dataset file instead of generated problems: JSONL, a JSON array or object, or a "
+        "Student Records database with questions (the official PERK data as it comes)"
+    )
+    eval_file: str | None = field(
+        None, "evaluate on this dataset file (default: generated problems; with data.train_file, its last "
+        "data.eval_problems, held out from training)"
+    )
+    support_targets: bool = field(
+        False, "train on the official '<support>facts</support>\\n<output>answer</output>' targets (problems "
+        "with supporting facts) and score the output part"
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -76,6 +92,15 @@ class DataConfig:
         for name in ("context_tokens", "train_problems", "eval_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_file", "eval_file"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"data.{name}: no such file: {getattr(self, name)}")
+
+    def describe(self) -> str:
+        """What the problems are, for the results' header."""
+        if self.train_file is None:
+            return f"{self.task}, {self.context_tokens}-token contexts"
+        return f"problems of {self.train_file}"
 
 
 @dataclass
@@ -344,11 +369,33 @@ def restore(pm: PerkModel, ftic_adapter: torch.Tensor, tensors: dict[str, torch.
 
 
 def make_problems(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) problems: generated, or read from data.train_file / data.eval_file;
+    as support-then-answer targets with data.support_targets."""
     data = config.data
     kwargs = dict(order_markers=data.order_markers, doc_index=data.doc_index)
-    train = generate(data.task, data.train_problems, data.context_tokens, tokenizer, seed=data.seed, **kwargs)
-    held_out = generate(data.task, data.eval_problems, data.context_tokens, tokenizer, seed=data.seed + 1, **kwargs)
-    return [p.to_json() for p in train], [p.to_json() for p in held_out]
+
+    def generated(n: int, seed: int) -> list[dict]:
+        return [p.to_json() for p in generate(data.task, n, data.context_tokens, tokenizer, seed=seed, **kwargs)]
+
+    if data.train_file is None:
+        train = generated(data.train_problems, data.seed)
+    else:
+        train = read_problems(data.train_file)
+    if data.eval_file is not None:
+        held_out = read_problems(data.eval_file)[: data.eval_problems]
+    elif data.train_file is not None:
+        if len(train) <= data.eval_problems:
+            raise UsageError(
+                f"data.train_file holds {len(train)} problems, too few to hold out data.eval_problems="
+                f"{data.eval_problems} of them: pass data.eval_file or a smaller data.eval_problems"
+            )
+        train, held_out = train[: -data.eval_problems], train[-data.eval_problems :]
+    else:
+        held_out = generated(data.eval_problems, data.seed + 1)
+    train = train[: data.train_problems]
+    if data.support_targets:
+        train, held_out = [with_support_target(p) for p in train], [with_support_target(p) for p in held_out]
+    return train, held_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         save_resolved_config(run_dir, config)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
     train_problems, eval_problems = make_problems(config, tokenizer)
+    print(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems", flush=True)
     ftic_adapter = pm.initial_adapter(seed=config.perk.seed + 1).requires_grad_()
 
     phase_index, start_step, resume_state = 0, 0, None
@@ -394,9 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         write_file_atomic(run_dir / FTIC_ADAPTER, _safetensors_bytes({"adapter": ftic_adapter.detach()}))
 
     predictions = evaluate(pm, eval_problems, config.methods, ftic_adapter=ftic_adapter.detach().unsqueeze(0),
-                           max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch)
+                           max_new_tokens=answer_budget(tokenizer, eval_problems, config.max_new_tokens),
+                           batch_size=config.eval_batch)
     minutes = (time.perf_counter() - started) / 60
-    header = (f"# {config.data.task}, {config.data.context_tokens}-token contexts, {len(eval_problems)} held-out "
+    header = (f"# {config.data.describe()}, {len(eval_problems)} held-out "
               f"problems\n\nbase model {config.model} on {device}; {config.meta_steps} steps of "
               f"{config.meta_batch} problems per method; run {run_dir}; {minutes:.1f} min\n\n")
     _, table = write_results(run_dir, "results", predictions, header=header)

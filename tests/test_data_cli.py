@@ -72,3 +72,18 @@ def test_module_entry_point_has_no_traceback(tmp_path):
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stderr.startswith("perk.data: error:")
+
+
+def test_generate_lists_and_writes_the_api_retrieval_task(tmp_path, tokenizer_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "longgorilla/stdlib" in capsys.readouterr().out
+    out = tmp_path / "api.jsonl"
+    argv = ["generate", "--task", "longgorilla/stdlib", "--length", "3k", "--n", "3", "--out", str(out),
+            "--tokenizer", tokenizer_dir, "--depth", "50"]
+    assert main(argv) == 0
+    records = read_jsonl(out)
+    assert [r["task"] for r in records] == ["longgorilla/stdlib"] * 3
+    assert all(r["question"].startswith("Instruction: Write an API implementation that ") for r in records)
+    assert main(["stats", str(out)]) == 0
+    assert "longgorilla/stdlib: 3 problems" in capsys.readouterr().out

@@ -76,6 +76,17 @@ def test_eval_on_a_users_jsonl(trained_run, tmp_path):
     assert len(predictions) == 2 and all(p["choice"] in ("yes", "no") for p in predictions)
 
 
+def test_eval_reads_an_official_student_records_database(trained_run, tmp_path):
+    data = Path(__file__).parent / "data" / "official" / "student_records_recall.json"
+    out = tmp_path / "eval"
+    code = run_main(perk_eval.main, ["--checkpoint", str(trained_run), "--data", str(data), "--methods", "perk",
+                                     "--out", str(out), "--max-new-tokens", "2"])
+    assert code == 0
+    predictions = json.loads((out / "eval.json").read_text())["predictions"]
+    assert [p["answer"] for p in predictions] == ["Alma Reyes", "Drama & Theatre Arts", "28", "Junior"]
+    assert {p["task"] for p in predictions} == {"student_records_recall"}
+
+
 def test_encode_answers_from_a_file_and_saves_a_peft_adapter(trained_run, tmp_path, capsys):
     context = tmp_path / "story.txt"
     context.write_text("Mary went to the kitchen.\n\nJohn took the apple.\n\nMary travelled to the garden.\n")

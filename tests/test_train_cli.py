@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from perk.cli import UsageError
 from perk.train import PERK_DIR, batch_indices, main, parse_args
 from tests.tiny_models import tiny_model_and_tokenizer
 
@@ -153,3 +154,41 @@ def test_existing_run_is_never_overwritten(tiny_model_dir, tmp_path):
     out = run_cli("perk.train", tiny_args(tiny_model_dir, tmp_path, steps=1))
     assert out.returncode != 0 and "already holds a run" in out.stderr
     assert (tmp_path / "run" / "results.json").read_bytes() == before
+
+
+OFFICIAL = Path(__file__).parent / "data" / "official"
+
+
+def test_train_on_official_files_with_support_targets(tiny_model_dir, tmp_path, capsys):
+    argv = tiny_args(tiny_model_dir, tmp_path, "official", steps=1) + [
+        "--methods", "perk", "--data.train_file", str(OFFICIAL / "student_records_recall.json"),
+        "--data.eval_file", str(OFFICIAL / "babilong_array.json"), "--data.eval_problems", "1",
+        "--data.support_targets", "true",
+    ]
+    assert main(argv) == 0
+    run = tmp_path / "official"
+    assert "data: 4 training and 1 held-out problems" in capsys.readouterr().out
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    (prediction,) = json.loads((run / "results.json").read_text())["predictions"]
+    # Held out: the first problem of the array, trained and generated as a support-then-answer
+    # target, scored on its output part.
+    assert prediction["answer"] == "garden" and prediction["task"] == "babilong_array"
+    assert "problems of " in (run / "results.md").read_text()
+
+
+def test_a_train_file_without_eval_file_holds_out_its_last_problems(tmp_path):
+    from perk.train import make_problems
+
+    _, config = parse_args(["--device", "cpu", "--data.train_file", str(OFFICIAL / "babilong.jsonl"),
+                            "--data.eval_problems", "1", "--data.support_targets", "true"])
+    train, held_out = make_problems(config, tokenizer=None)
+    assert [p["question"] for p in train] == ["Where is Daniel?", "Where is the apple?"]
+    assert [p["question"] for p in held_out] == ["Where is John?"]
+    assert held_out[0]["answer"] == (
+        "<support>John Event 1: John travelled to the bathroom.</support>\n<output>bathroom</output>"
+    )
+    _, config = parse_args(["--device", "cpu", "--data.train_file", str(OFFICIAL / "babilong.jsonl")])
+    with pytest.raises(UsageError, match="holds 3 problems, too few to hold out data.eval_problems=20"):
+        make_problems(config, tokenizer=None)
+    with pytest.raises(UsageError, match="data.train_file: no such file"):
+        parse_args(["--device", "cpu", "--data.train_file", str(tmp_path / "missing.jsonl")])

@@ -11,13 +11,16 @@ from transformers import PreTrainedTokenizerBase
 
 from perk.tasks.babilong import babilong_problem
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
+from perk.tasks.longgorilla import VARIANTS as LONGGORILLA_VARIANTS
+from perk.tasks.longgorilla import longgorilla_problem
 from perk.tasks.problem import Problem
 from perk.tasks.student_records import KINDS, student_records_problem
 from perk.tasks.tokens import TokenCounter
 
 BABILONG_TASKS = tuple(f"babilong/qa{qa}" for qa in (1, 2, 3))
 STUDENT_RECORDS_TASKS = tuple(f"student_records/{kind}" for kind in KINDS)
-TASKS = BABILONG_TASKS + STUDENT_RECORDS_TASKS
+LONGGORILLA_TASKS = tuple(f"longgorilla/{variant}" for variant in LONGGORILLA_VARIANTS)
+TASKS = BABILONG_TASKS + STUDENT_RECORDS_TASKS + LONGGORILLA_TASKS
 _MIN_DOC_TOKENS = 16
 
 
@@ -73,8 +76,12 @@ def iter_problems(
                 order_markers=order_markers, doc_index=doc_index,
                 corpus=None if corpus is None else str(corpus), doc_tokens=doc_tokens,
             )
-        else:
+        elif family == "student_records":
             yield student_records_problem(
+                variant, counter, length_tokens, seed=seed, index=index, depth=depth, doc_index=doc_index
+            )
+        else:
+            yield longgorilla_problem(
                 variant, counter, length_tokens, seed=seed, index=index, depth=depth, doc_index=doc_index
             )
 
@@ -95,14 +102,17 @@ def generate(
     """Generate ``n`` problems of ``task`` (one of TASKS) with contexts of ``length_tokens`` tokens.
 
     Args:
-        task: ``babilong/qa1`` … ``qa3`` or ``student_records/{recall,relation,aggregate}``.
+        task: ``babilong/qa1`` … ``qa3``, ``student_records/{recall,relation,aggregate}`` or
+            ``longgorilla/stdlib`` (API retrieval).
         n: number of problems.
         length_tokens: target context length, counted with ``tokenizer`` (no special tokens) as
-            the sum over documents; met to within one haystack sentence or student record.
+            the sum over documents; met to within one haystack sentence, student record or API
+            document.
         tokenizer: any Hugging Face tokenizer.
         seed: run seed; problem ``i`` depends only on (task, seed, i, options), not on ``n``.
-        depth: None to place facts at random; else where the first supporting fact starts, as a
-            fraction of the context (0 = start, 1 = end). Not for student_records/aggregate.
+        depth: None to place facts at random; else where the first supporting fact (the answer's
+            API document) starts, as a fraction of the context (0 = start, 1 = end). Not for
+            student_records/aggregate.
         order_markers: prefix every bAbI fact with a per-actor event counter (babilong only).
         doc_index: prefix every document with ``doc_<i>:``.
         corpus: a plain-text file whose sentences replace the built-in haystack prose (babilong).

@@ -63,10 +63,13 @@ class Student:
     grade: int
 
     def document(self) -> str:
-        return (
-            f"Student {self.id}, Name: {self.name}, Year: {self.year}, School: {self.school}, "
-            f"Major: {self.major}, Grade: {self.grade}"
-        )
+        return record_document(self.id, self.name, self.year, self.school, self.major, self.grade)
+
+
+def record_document(student_id: object, name: object, year: object, school: object, major: object, grade: object) -> str:
+    """One student record as one document (the official serialisation, also used for read
+    databases): "Student 1234567, Name: ..., Year: ..., School: ..., Major: ..., Grade: 87"."""
+    return f"Student {student_id}, Name: {name}, Year: {year}, School: {school}, Major: {major}, Grade: {grade}"
 
 
 @functools.lru_cache(maxsize=1)
