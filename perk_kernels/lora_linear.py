@@ -564,8 +564,12 @@ def lora_linear_reference(
 ) -> torch.Tensor:
     """Plain-torch oracle of :func:`lora_linear` (same signature; autograd does the backward).
 
-    Twice differentiable w.r.t. x, lora_a and lora_b. Adapters are cast to x's dtype before each
-    matmul, as the kernels do; weight and bias are treated as frozen (no gradient).
+    Twice differentiable w.r.t. x, lora_a and lora_b; weight and bias are treated as frozen (no
+    gradient). The adapter term runs in the adapters' dtype (fp32 beside a bf16 base model) and is
+    cast to x's dtype only where it joins the base output: cast to bf16 before the matmuls, an fp32
+    adapter would lose inner updates under its bf16 spacing (about 1e-4 at LoRA A's 0.02 scale),
+    and the finite-difference meta-gradient's ±ε probes with them. The Triton kernels cast adapters
+    to x's dtype for tensor-core dots: the same function within bf16 tolerance.
     """
     weight = weight.detach()
     lead = x.shape[:-1]
@@ -574,19 +578,19 @@ def lora_linear_reference(
     if bias is not None:
         y = y + bias.detach()
     if adapter_ids is None:
-        lora = (x2 @ lora_a[0].t().to(x2.dtype)) @ lora_b[0].t().to(x2.dtype)
+        lora = (x2.to(lora_a.dtype) @ lora_a[0].t()) @ lora_b[0].t()
     else:
         segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
         # Rows grouped by adapter (a gather only when they are not already), one pair of matmuls
         # per adapter on its contiguous block, then back to the original row order.
-        x_sorted = x2 if segments.rows_sorted else x2[segments.row_order]
+        x_sorted = (x2 if segments.rows_sorted else x2[segments.row_order]).to(lora_a.dtype)
         blocks = [
-            (rows @ lora_a[a].t().to(x2.dtype)) @ lora_b[a].t().to(x2.dtype)  # (rows_a, d_out)
+            (rows @ lora_a[a].t()) @ lora_b[a].t()  # (rows_a, d_out)
             for a, rows in enumerate(x_sorted.split(list(segments.host_counts)))
         ]
         lora_sorted = torch.cat(blocks)
         lora = lora_sorted if segments.rows_sorted else torch.zeros_like(lora_sorted).index_copy(0, segments.row_order, lora_sorted)
-    y = y + scale * lora
+    y = y + (scale * lora).to(y.dtype)
     return y.reshape(*lead, weight.shape[0])
 
 
