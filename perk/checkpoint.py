@@ -137,20 +137,7 @@ def save_checkpoint(
     }
     manifest = {"step": step, "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()}}
     blobs[MANIFEST] = json.dumps(manifest, indent=1).encode()
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        for name, blob in blobs.items():
-            with open(staging / name, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-        _fsync_dir(staging)
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_folder_atomic(final, blobs)  # a re-run of the same step after a resume replaces it whole
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

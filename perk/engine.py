@@ -268,17 +268,22 @@ class PerkModel:
         generated tokens would not fit the model window (positions past it do not exist).
         """
         ids = prompt_ids(self.tokenizer, question, self.window)
-        if len(ids) + max_new_tokens > self.window:
-            raise ValueError(
-                f"the question's prompt ({len(ids)} tokens) plus max_new_tokens={max_new_tokens} exceed the model "
-                f"window ({self.window}): ask for at most {self.window - len(ids)} new tokens"
-            )
+        self._check_fits_window(len(ids), max_new_tokens)
         return ids
+
+    def _check_fits_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.window:
+            raise ValueError(
+                f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceed the model window "
+                f"({self.window}): ask for at most {self.window - prompt_tokens} new tokens"
+            )
 
     def generate(self, prompts: list[list[int]], adapter: torch.Tensor | None, max_new_tokens: int = 32) -> list[str]:
         """Greedy continuations of token-id ``prompts``, stripped (and cut at a newline when
         ``config.answer_stop_at_newline``). ``adapter``: None for the base model alone, a flat
-        (1, P) adapter for every prompt, or (len(prompts), P), one per prompt."""
+        (1, P) adapter for every prompt, or (len(prompts), P), one per prompt. Prompt plus
+        ``max_new_tokens`` must fit the model window (a ValueError: no position exists past it)."""
+        self._check_fits_window(max(len(p) for p in prompts), max_new_tokens)
         input_ids, attention_mask = self._left_pad(prompts)
         sequence_adapters = None
         if adapter is not None and adapter.shape[0] > 1:

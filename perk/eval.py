@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from perk.cli import ArgumentParser, UsageError, config_to_dict, run_main
 from perk.engine import PerkModel, read_pretrained
 from perk.evaluate import METHODS, evaluate

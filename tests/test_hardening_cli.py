@@ -22,7 +22,7 @@ from perk.cli import run_main
 from perk.engine import CONFIG_NAME, WEIGHTS_NAME
 from perk.tasks import generate, write_jsonl
 from perk.train import FTIC_ADAPTER, METRICS, PERK_DIR, RESOLVED_CONFIG, MetricsLog, all_tensors
-from tests.test_train_cli import tiny_args
+from tests.test_train_cli import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 from tests.tiny_models import tiny_model_and_tokenizer, tiny_tokenizer
 
 
@@ -32,18 +32,9 @@ def _torch_kernels(monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny_model_and_tokenizer("llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def untrained_run(model_dir, runs_dir, *extra):
+def untrained_run(tiny_model_dir, runs_dir, *extra):
     """A run directory as perk.train leaves it, with untrained meta-parameters (and FT-ICR adapter)."""
-    _, config = perk_train.parse_args(tiny_args(model_dir, runs_dir) + list(extra))
+    _, config = perk_train.parse_args(tiny_args(tiny_model_dir, runs_dir) + list(extra))
     run = runs_dir / "run"
     perk_train.save_resolved_config(run, config)
     model, tokenizer = tiny_model_and_tokenizer("llama")
@@ -54,8 +45,8 @@ def untrained_run(model_dir, runs_dir, *extra):
 
 
 @pytest.fixture
-def run(model_dir, tmp_path):
-    return untrained_run(model_dir, tmp_path / "runs")
+def run(tiny_model_dir, tmp_path):
+    return untrained_run(tiny_model_dir, tmp_path / "runs")
 
 
 def one_line_error(capsys, code, *fragments):
@@ -184,17 +175,17 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
 # --- 7. a start that fails leaves no run behind; empty data; --max-new-tokens checked first --------
 
 
-def test_failed_data_generation_leaves_no_run_behind(model_dir, tmp_path, capsys, monkeypatch):
+def test_failed_data_generation_leaves_no_run_behind(tiny_model_dir, tmp_path, capsys, monkeypatch):
     def fail(config, tokenizer):
         raise ValueError("cannot place 3 supporting facts in 8 tokens")
 
     monkeypatch.setattr(perk_train, "make_problems", fail)
-    code = run_main(perk_train.main, tiny_args(model_dir, tmp_path), prog="perk.train")
+    code = run_main(perk_train.main, tiny_args(tiny_model_dir, tmp_path), prog="perk.train")
     one_line_error(capsys, code, "cannot place")
     assert not (tmp_path / "run" / RESOLVED_CONFIG).exists(), "the same --name must remain usable"
     monkeypatch.undo()
     monkeypatch.setattr(perk_train, "make_problems", lambda config, tokenizer: (_ for _ in ()).throw(ValueError("again")))
-    code = run_main(perk_train.main, tiny_args(model_dir, tmp_path), prog="perk.train")
+    code = run_main(perk_train.main, tiny_args(tiny_model_dir, tmp_path), prog="perk.train")
     assert "already holds a run" not in one_line_error(capsys, code, "again")
 
 
