@@ -334,6 +334,12 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
         for name, param in phase.params.items():
             param.grad = grads[name].to(param.dtype)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Stop before the step: the parameters and the last checkpoint stay finite (resumable).
+            raise FloatingPointError(
+                f"{phase.name} step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                "lower the learning rates or max_grad_norm"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

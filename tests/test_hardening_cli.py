@@ -158,6 +158,17 @@ def test_resume_refuses_checkpoints_of_another_model(run, capsys, other):
     one_line_error(capsys, code, "step-00000001", "shape")
 
 
+def test_a_non_finite_step_stops_before_updating_or_checkpointing(tmp_path):
+    weight = torch.ones(3, requires_grad=True)
+    phase = perk_train.Phase("perk", {"w": weight}, {"w": 0.1},
+                             lambda batch: (math.nan, {"w": torch.full((3,), math.nan)}, {}))
+    config = perk_train.TrainConfig(meta_steps=2, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match="perk step 0: non-finite loss"):
+        perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
+                             metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
+    assert torch.equal(weight.detach(), torch.ones(3)) and not (tmp_path / "checkpoints").exists()
+
+
 # --- 6. a torn last line of metrics.jsonl -----------------------------------------------------------
 
 
