@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -69,6 +70,46 @@ def write_file_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_folder_atomic(path: str | Path, files: dict[str, bytes]) -> None:
+    """Make ``path`` a folder of exactly ``files`` (name → bytes) that appears whole or not at all.
+
+    The folder is assembled next to it (every file fsynced), then renamed into place. A folder
+    already there is first renamed aside and removed after: a crash in between leaves no
+    ``path`` (the old folder survives as a hidden ``.<name>-old-*`` sibling), never a mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-new-", dir=path.parent))
+    old = None
+    try:
+        for name, data in files.items():
+            with open(staging / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(staging)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
+            os.replace(path, old)
+        os.rename(staging, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; FileNotFoundError, or ValueError for a damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_safetensors(path.read_bytes())
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged ({err})") from None
+
+
 def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -96,20 +137,7 @@ def save_checkpoint(
     }
     manifest = {"step": step, "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()}}
     blobs[MANIFEST] = json.dumps(manifest, indent=1).encode()
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        for name, blob in blobs.items():
-            with open(staging / name, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-        _fsync_dir(staging)
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_folder_atomic(final, blobs)  # a re-run of the same step after a resume replaces it whole
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

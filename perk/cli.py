@@ -210,9 +210,10 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, OSError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as err:
         # Bad input found deeper down (a file that is not a dataset, a checkpoint of another
-        # model, a missing optional package, ...): one line, not a traceback wall.
+        # model, a missing optional package, training that diverged to non-finite losses, ...):
+        # one line, not a traceback wall.
         if os.environ.get("PERK_DEBUG") == "1":
             raise
         print(f"{prog}: error: {err} (PERK_DEBUG=1 shows the traceback)", file=sys.stderr)

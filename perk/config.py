@@ -34,7 +34,7 @@ class PerkConfig:
 
     LoRA: ``rank``, ``alpha`` and ``rslora`` give the scale ``alpha / rank`` (or
     ``alpha / sqrt(rank)`` with rsLoRA, as in PEFT); ``target_modules`` are module names matched
-    like PEFT does (a module whose last dotted name is listed).
+    like PEFT does (a module whose last dotted name is listed; one string is split at commas).
 
     Inner loop: the context is cut into segments of ``segment_len`` tokens, ``inner_steps`` (N)
     steps of ``inner_optimizer`` are taken on the mean token NLL of each context. The learning
@@ -89,6 +89,8 @@ class PerkConfig:
     seed: int = option(0, "seed of the adapter initialisation")
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):  # one name, or names comma-separated as on the command line
+            self.target_modules = [t.strip() for t in self.target_modules.split(",")]
         self.target_modules = tuple(self.target_modules)
         self.adam_betas = tuple(self.adam_betas)
         _check_int("rank", self.rank, minimum=1)
@@ -110,8 +112,8 @@ class PerkConfig:
             _check_positive("inner_lr", self.inner_lr)
         if self.inner_max_grad_norm is not None:
             _check_positive("inner_max_grad_norm", self.inner_max_grad_norm)
-        if not isinstance(self.inner_weight_decay, (int, float)) or not self.inner_weight_decay >= 0:
-            raise ValueError(f"inner_weight_decay must be a float >= 0, got {self.inner_weight_decay!r}")
+        if not isinstance(self.inner_weight_decay, (int, float)) or not 0 <= self.inner_weight_decay < math.inf:
+            raise ValueError(f"inner_weight_decay must be a finite float >= 0, got {self.inner_weight_decay!r}")
         if self.unroll_steps > self.inner_steps:
             raise ValueError(
                 f"unroll_steps ({self.unroll_steps}) must be <= inner_steps ({self.inner_steps})"

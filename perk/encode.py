@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from perk.cli import ArgumentParser, UsageError, run_main
-from perk.eval import load_run
+from perk.eval import check_max_new_tokens, load_run
 from perk.train import resolve_device
 
 
@@ -43,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="base model (default: the run's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     args = parser.parse_args(argv)
+    check_max_new_tokens(args.max_new_tokens)
     if args.save_memory is not None and args.save_memory.exists() and any(args.save_memory.iterdir()):
         raise UsageError(f"--save-memory {args.save_memory}: folder exists and is not empty")
     documents = read_documents(args.context)
     pm, _ = load_run(args.checkpoint, args.model, resolve_device(args.device))
+    for question in args.question:  # before the (long) encoding: each question fits with its answer
+        pm.question_prompt(question, args.max_new_tokens)
 
     start = time.perf_counter()
     memory = pm.encode(documents)

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import perk_kernels
+from perk.checkpoint import read_safetensors, write_folder_atomic
 from perk.config import PerkConfig
 from perk.lora import AdapterContext, AdapterLayout, inject_lora
 from perk.memory import Memory
@@ -137,18 +138,19 @@ class PerkModel:
         return cls(model, tokenizer, config, **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Save the config and the meta-parameters (safetensors); the base model is only referenced."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Save the config and the meta-parameters (safetensors); the base model is only referenced.
+
+        The folder appears whole or not at all (assembled aside, then renamed into place), so
+        its existence means a complete save even after a crash or a full disk.
+        """
         description = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "base_model_name_or_path": self.base_model_name_or_path,
             "layout": self.layout.signature(),
         }
-        (directory / CONFIG_NAME).write_text(json.dumps(description, indent=2))
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.meta_parameters().items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME))
+        write_folder_atomic(directory, {WEIGHTS_NAME: save(tensors), CONFIG_NAME: json.dumps(description, indent=2).encode()})
 
     @classmethod
     def from_pretrained(
@@ -161,11 +163,9 @@ class PerkModel:
         """Load what :meth:`save_pretrained` wrote; the base model is loaded with
         :func:`perk.models.load_base_model` from the saved reference unless given."""
         directory = Path(directory)
-        description = json.loads((directory / CONFIG_NAME).read_text())
-        if description.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: unsupported format_version {description.get('format_version')!r}")
         if (model is None) != (tokenizer is None):
             raise ValueError("pass both model and tokenizer, or neither")
+        description, config, saved = read_pretrained(directory)
         if model is None:
             from perk.models import load_base_model
 
@@ -173,17 +173,10 @@ class PerkModel:
             if not reference:
                 raise ValueError(f"{directory}: no base model reference was saved; pass model and tokenizer")
             model, tokenizer = load_base_model(reference)
-        config = PerkConfig.from_dict(description["config"])
         perk_model = cls(model, tokenizer, config, **kwargs)
         if perk_model.layout.signature() != description["layout"]:
             raise ValueError(f"{directory}: the saved adapter layout does not match this base model")
-        saved = load_file(str(directory / WEIGHTS_NAME))
-        live = perk_model.meta_parameters()
-        if set(saved) != set(live):
-            raise ValueError(f"{directory}: meta-parameters {sorted(saved)} do not match {sorted(live)}")
-        with torch.no_grad():
-            for name, tensor in live.items():
-                tensor.copy_(saved[name])
+        load_tensors(perk_model.meta_parameters(), saved, source=str(directory / WEIGHTS_NAME))
         return perk_model
 
     @property
@@ -263,19 +256,34 @@ class PerkModel:
             raise ValueError(
                 f"a memory of {memory.n_adapters} contexts needs one question per context, got {len(questions)}"
             )
-        prompts = [self.question_prompt(q) for q in questions]
+        prompts = [self.question_prompt(q, max_new_tokens) for q in questions]
         flat = memory.flat.to(self.device, self.dtype)
         answers = self.generate(prompts, flat, max_new_tokens=max_new_tokens)
         return answers[0] if single else answers
 
-    def question_prompt(self, question: str) -> list[int]:
-        """Token ids of the prompt that asks ``question`` (no context), as answers are trained."""
-        return prompt_ids(self.tokenizer, question, self.window)
+    def question_prompt(self, question: str, max_new_tokens: int = 0) -> list[int]:
+        """Token ids of the prompt that asks ``question`` (no context), as answers are trained.
+
+        A ValueError when the question is empty, or when the prompt plus ``max_new_tokens``
+        generated tokens would not fit the model window (positions past it do not exist).
+        """
+        ids = prompt_ids(self.tokenizer, question, self.window)
+        self._check_fits_window(len(ids), max_new_tokens)
+        return ids
+
+    def _check_fits_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.window:
+            raise ValueError(
+                f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceed the model window "
+                f"({self.window}): ask for at most {self.window - prompt_tokens} new tokens"
+            )
 
     def generate(self, prompts: list[list[int]], adapter: torch.Tensor | None, max_new_tokens: int = 32) -> list[str]:
         """Greedy continuations of token-id ``prompts``, stripped (and cut at a newline when
         ``config.answer_stop_at_newline``). ``adapter``: None for the base model alone, a flat
-        (1, P) adapter for every prompt, or (len(prompts), P), one per prompt."""
+        (1, P) adapter for every prompt, or (len(prompts), P), one per prompt. Prompt plus
+        ``max_new_tokens`` must fit the model window (a ValueError: no position exists past it)."""
+        self._check_fits_window(max(len(p) for p in prompts), max_new_tokens)
         input_ids, attention_mask = self._left_pad(prompts)
         sequence_adapters = None
         if adapter is not None and adapter.shape[0] > 1:
@@ -631,6 +639,65 @@ class PerkModel:
             yield
         finally:
             self.context.backend = saved
+
+
+def load_tensors(live: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy ``saved`` into the ``live`` tensors after checking what ``copy_`` would let through:
+    the same names, the same shapes (no broadcasting) and finite values. ValueError otherwise."""
+    if set(saved) != set(live):
+        raise ValueError(f"{source}: tensors {sorted(saved)} do not match the expected {sorted(live)}")
+    for name, tensor in live.items():
+        value = saved[name]
+        if value.shape != tensor.shape:
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)} (saved for another "
+                "model or config?)"
+            )
+        _check_finite(value, f"{source}: {name}")
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(saved[name])
+
+
+def read_pretrained(directory: str | Path) -> tuple[dict, PerkConfig, dict[str, torch.Tensor]]:
+    """(description, config, tensors) of a :meth:`PerkModel.save_pretrained` folder, checked
+    without a base model: readable files, a valid config, finite tensors. FileNotFoundError or
+    ValueError naming the file otherwise (what fits which base model is checked on loading)."""
+    directory = Path(directory)
+    description = _read_description(directory / CONFIG_NAME)
+    try:
+        config = PerkConfig.from_dict(description["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
+    tensors = read_safetensors(directory / WEIGHTS_NAME)
+    for name, tensor in tensors.items():
+        _check_finite(tensor, f"{directory / WEIGHTS_NAME}: {name}")
+    return description, config, tensors
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not (tensor.is_floating_point() and bool(tensor.isfinite().all())):
+        raise ValueError(f"{what} is not finite (NaN or inf values) or not floating point")
+
+
+def _read_description(path: Path) -> dict:
+    """The perk_config.json of a saved model, checked for what :func:`read_pretrained` reads."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (not a complete PerkModel.save_pretrained folder)")
+    try:
+        description = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    required = ("format_version", "config", "layout")
+    if not isinstance(description, dict) or any(k not in description for k in required):
+        keys = sorted(description) if isinstance(description, dict) else type(description).__name__
+        raise ValueError(f"{path}: lacks {', '.join(required)} (found {keys})")
+    if description["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format_version {description['format_version']!r}")
+    if not isinstance(description["config"], dict):
+        raise ValueError(f"{path}: config must be a mapping")
+    description.setdefault("base_model_name_or_path", None)
+    return description
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:

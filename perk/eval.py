@@ -17,15 +17,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
-from perk.cli import ArgumentParser, UsageError, run_main
-from perk.engine import PerkModel
+from perk.cli import ArgumentParser, UsageError, config_to_dict, run_main
+from perk.engine import PerkModel, read_pretrained
 from perk.evaluate import METHODS, answer_budget, evaluate
 from perk.models import load_base_model
 from perk.report import write_results
 from perk.tasks import TASKS, generate, parse_depth, parse_length, read_problems, with_support_target
-from perk.train import FTIC_ADAPTER, PERK_DIR, RESOLVED_CONFIG, base_dtype, load_ftic_adapter, resolve_device
+from perk.train import (
+    FTIC_ADAPTER,
+    PERK_DIR,
+    RESOLVED_CONFIG,
+    base_dtype,
+    load_ftic_adapter,
+    read_run_config,
+    resolve_device,
+)
 
 
 def _csv(parse, what):
@@ -67,15 +73,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.n < 1 or args.batch < 1:
         raise UsageError("--n and --batch must be >= 1")
+    check_max_new_tokens(args.max_new_tokens)
     return args
 
 
+def check_max_new_tokens(value: int | None) -> None:
+    """``--max-new-tokens`` checked before anything is loaded (None: the run's or the default)."""
+    if value is not None and value < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {value}")
+
+
 def load_run(run_dir: Path, model_name: str | None, device: str):
-    """(PerkModel, run config dict) of a run directory written by perk.train."""
+    """(PerkModel, run config dict) of a run directory written by perk.train.
+
+    The run's files are checked (readable, valid, finite) before the base model is loaded."""
     config_file = run_dir / RESOLVED_CONFIG
     if not (run_dir / PERK_DIR).is_dir() or not config_file.is_file():
         raise UsageError(f"--checkpoint {run_dir}: not a finished perk.train run (no {PERK_DIR}/ or {RESOLVED_CONFIG})")
-    run_config = yaml.safe_load(config_file.read_text())
+    run_config = config_to_dict(read_run_config(run_dir))
+    try:
+        read_pretrained(run_dir / PERK_DIR)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--checkpoint {run_dir}: damaged {PERK_DIR}/ ({err})") from None
     dtype = base_dtype(run_config.get("base_dtype", "auto"), device)
     model, tokenizer = load_base_model(model_name or run_config["model"], dtype=dtype, device=device)
     try:
@@ -101,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         data_file = Path(data["eval_file"])
     if data_file is not None:
         problems = read_problems(data_file)
+        if not problems:
+            raise UsageError(f"--data {data_file}: no problems in the file")
     else:
         task = args.task or data["task"]
         lengths = args.lengths or [data["context_tokens"]]
@@ -115,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     if data.get("support_targets"):
         problems = [with_support_target(p) for p in problems]
-    ftic = load_ftic_adapter(args.checkpoint) if "ftic" in args.methods else None
+    ftic = load_ftic_adapter(args.checkpoint, pm) if "ftic" in args.methods else None
     max_new_tokens = answer_budget(pm.tokenizer, problems, args.max_new_tokens or run_config.get("max_new_tokens", 8))
     predictions = evaluate(pm, problems, args.methods, ftic_adapter=ftic, max_new_tokens=max_new_tokens,
                            batch_size=args.batch)

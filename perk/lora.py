@@ -202,6 +202,12 @@ def inject_lora(model: nn.Module, target_modules: tuple[str, ...], context: Adap
     ]
     if not found:
         raise ValueError(f"no module of the model matches target_modules={sorted(targets)}")
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in found:
+        if module is output:
+            # The losses and generation read the LM head's weight directly (fused cross-entropy),
+            # so an adapter there would never get a gradient yet change every answer.
+            raise ValueError(f"target_modules: {name!r} is the model's output layer (LM head), which cannot take an adapter")
     specs = []
     for index, (name, module) in enumerate(found):
         layer = LoraLinear(module, index, context)

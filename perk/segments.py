@@ -159,6 +159,8 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, context: str
     prompt-based baselines use this; PERK itself answers without the context)."""
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
+    if not question.strip():
+        raise ValueError("question is empty or whitespace only")
     body = f"Question: {question}"
     if context is not None:
         body = f"{context}\n\n{body}"

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from perk.baselines import ftic_loss_and_grad
-from perk.checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state, write_file_atomic
+from perk.checkpoint import (
+    Checkpoint,
+    load_latest_checkpoint,
+    read_safetensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_file_atomic,
+)
 from perk.cli import (
     ArgumentParser,
     UsageError,
@@ -48,7 +57,8 @@ from perk.cli import (
     run_main,
 )
 from perk.config import PerkConfig
-from perk.engine import PerkModel
+from perk.config import _check_positive as check_positive
+from perk.engine import PerkModel, load_tensors
 from perk.evaluate import METHODS, answer_budget, evaluate
 from perk.models import DEFAULT_MODEL, load_base_model
 from perk.report import write_results
@@ -138,6 +148,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # A negative clip norm would flip every gradient (ascent), a NaN rate poison the checkpoints.
+        for name in ("meta_lr", "inner_lr_meta_lr", "ftic_lr", "max_grad_norm"):
+            check_positive(name, getattr(self, name))
 
 
 def gpu_defaults() -> TrainConfig:
@@ -207,11 +220,25 @@ def resolve_run(config: TrainConfig, resume: bool, explicit_keys: set[str]) -> t
             raise UsageError(
                 f"--resume continues with the saved config; drop {', '.join(sorted(explicit_keys - {'name', 'runs_dir'}))}"
             )
-        data = yaml.safe_load(saved.read_text())
-        return run_dir, build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in flatten(data).items()}))
+        return run_dir, read_run_config(run_dir)
     if saved.is_file():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
     return run_dir, config
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config a run saved, validated like the command line (UsageError if damaged)."""
+    path = run_dir / RESOLVED_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"{path}: not a readable run config ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: not a run config (expected a mapping of keys to values)")
+    try:
+        return build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in flatten(data).items()}))
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None
 
 
 def save_resolved_config(run_dir: Path, config: TrainConfig) -> None:
@@ -251,19 +278,33 @@ class MetricsLog:
         self.path = path
 
     def truncate_after(self, phase_index: int, step: int) -> None:
-        """Drop the lines a resumed run will redo (after ``step`` of phase ``phase_index``)."""
+        """Drop the lines a resumed run will redo (after ``step`` of phase ``phase_index``), and
+        any line that is not a whole record (a kill mid-write tears the last one)."""
         if not self.path.is_file():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines()
-            if line.strip() and _before(json.loads(line), phase_index, step)
-        ]
+        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        records = [_record(line) for line in lines]
+        torn = sum(1 for line, r in zip(lines, records) if r is None and line.strip())
+        if torn:
+            warnings.warn(f"{self.path}: dropping {torn} damaged line(s) (a run killed mid-write)", stacklevel=2)
+        kept = [line for line, r in zip(lines, records) if r is not None and _before(r, phase_index, step)]
         write_file_atomic(self.path, "".join(line + "\n" for line in kept).encode())
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
+
+
+def _record(line: str) -> dict | None:
+    """One metrics line as a record, or None when it is not one (torn, or not of this format)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("phase") not in PHASES or not isinstance(record.get("step"), int):
+        return None
+    return record
 
 
 def _before(record: dict, phase_index: int, step: int) -> bool:
@@ -318,6 +359,12 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
         for name, param in phase.params.items():
             param.grad = grads[name].to(param.dtype)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Stop before the step: the parameters and the last checkpoint stay finite (resumable).
+            raise FloatingPointError(
+                f"{phase.name} step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+                "lower the learning rates or max_grad_norm"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -361,11 +408,9 @@ def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Pha
     return Phase("ftic", {"adapter": adapter}, {"adapter": config.ftic_lr}, loss_and_grads)
 
 
-def restore(pm: PerkModel, ftic_adapter: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, tensor in all_tensors(pm, ftic_adapter).items():
-            if name in tensors:
-                tensor.copy_(tensors[name])
+def restore(pm: PerkModel, ftic_adapter: torch.Tensor | None, checkpoint: Checkpoint) -> None:
+    """Load a checkpoint's tensors (checked: names, shapes, finite values) into the live ones."""
+    load_tensors(all_tensors(pm, ftic_adapter), checkpoint.tensors, source=str(checkpoint.path))
 
 
 def make_problems(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -408,21 +453,23 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"perk.train: run {run_dir} on {device}; loading {config.model}", flush=True)
     model, tokenizer = load_base_model(config.model, dtype=base_dtype(config.base_dtype, device), device=device)
-    if not args.resume:
-        save_resolved_config(run_dir, config)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
-    train_problems, eval_problems = make_problems(config, tokenizer)
-    print(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems", flush=True)
     ftic_adapter = pm.initial_adapter(seed=config.perk.seed + 1).requires_grad_()
 
     phase_index, start_step, resume_state = 0, 0, None
     if args.resume:
         checkpoint = load_latest_checkpoint(run_dir)
         if checkpoint is not None:
-            restore(pm, ftic_adapter, checkpoint.tensors)
+            restore(pm, ftic_adapter if "ftic" in config.methods else None, checkpoint)
             phase_index = PHASES.index(checkpoint.state["phase"])
             start_step, resume_state = checkpoint.state["phase_step"], checkpoint.state
             print(f"resuming from {checkpoint.path.name} ({checkpoint.state['phase']} step {start_step})", flush=True)
+    train_problems, eval_problems = make_problems(config, tokenizer)
+    print(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems", flush=True)
+    if not args.resume:
+        # Only now: a start that fails (a model that does not fit, a task that cannot generate
+        # these problems) leaves no run behind, so the same --name can be used again.
+        save_resolved_config(run_dir, config)
     metrics = MetricsLog(run_dir / METRICS)
     metrics.truncate_after(phase_index, start_step)
 
@@ -457,9 +504,11 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.contiguous().cpu() for k, v in tensors.items()})
 
 
-def load_ftic_adapter(run_dir: Path) -> torch.Tensor:
-    """The FT-ICR adapter a run saved, as (1, P)."""
-    return load_file(str(run_dir / FTIC_ADAPTER))["adapter"].unsqueeze(0)
+def load_ftic_adapter(run_dir: Path, pm: PerkModel) -> torch.Tensor:
+    """The FT-ICR adapter a run saved, as (1, P), checked against ``pm``'s adapter layout."""
+    adapter = torch.zeros(1, pm.layout.n_params, dtype=pm.dtype)
+    load_tensors({"adapter": adapter[0]}, read_safetensors(run_dir / FTIC_ADAPTER), source=str(run_dir / FTIC_ADAPTER))
+    return adapter
 
 
 if __name__ == "__main__":

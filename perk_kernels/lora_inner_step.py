@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -434,6 +435,70 @@ def _check_inplace_layout(params: list[torch.Tensor]) -> None:
             )
 
 
+def _memory_spans(tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, owner) byte ranges of the memory ``tensors`` address; owner = index in ``tensors``.
+
+    One range per adapter slice where slices are contiguous (views of a flat buffer interleave
+    without overlapping), else one conservative range per tensor (its whole extent). Slots
+    without a range (empty tensors, the rest of a one-range tensor) hold empty ranges at the top
+    of the address space, which sort last and overlap nothing. Host metadata only, in numpy
+    (a few vector ops: the engine steps hundreds of tensors at once).
+    """
+    n_adapters = max(t.shape[0] for t in tensors)
+    rows = []  # (base, adapter step, ranges, length) in bytes
+    for t in tensors:
+        size = t.element_size()
+        if t.numel() == 0:
+            rows.append((0, 0, 0, 0))
+        elif slices_contiguous(t):
+            rows.append((t.data_ptr(), t.stride(0) * size, t.shape[0], math.prod(t.shape[1:]) * size))
+        else:
+            low = sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+            high = sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+            rows.append((t.data_ptr() + low * size, 0, 1, (high - low + 1) * size))
+    base, step, count, length = np.array(rows, dtype=np.int64).reshape(-1, 4).T
+    adapter = np.arange(n_adapters, dtype=np.int64)
+    starts = base[:, None] + adapter[None, :] * step[:, None]  # (n_tensors, n_adapters)
+    ends = starts + length[:, None]
+    unused = (adapter[None, :] >= count[:, None]) | (length[:, None] == 0)
+    top = np.iinfo(np.int64).max
+    starts[unused], ends[unused] = top, top
+    owner = np.broadcast_to(np.arange(len(tensors))[:, None], starts.shape)
+    return starts.ravel(), ends.ravel(), owner.ravel()
+
+
+def _check_inplace_overlap(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """An in-place step writes params while reading params and grads: its result would depend
+    on the order of the writes (the kernel's program order, the reference's tensor order)
+    unless no output overlaps another output or any gradient. A gradient that is its own
+    param (read, then written, element by element) is fine."""
+    for i, p in enumerate(params):
+        if not slices_contiguous(p) and torch._debug_has_internal_overlap(p) == 1:
+            raise ValueError(f"params[{i}] overlaps itself in memory; inplace=True needs every element stored once")
+    own = [g.data_ptr() == p.data_ptr() and g.shape == p.shape and g.stride() == p.stride() for p, g in zip(params, grads)]
+    tensors = list(params) + [g for g, same in zip(grads, own) if not same]
+    names = [f"params[{i}]" for i in range(len(params))] + [f"grads[{i}]" for i, same in enumerate(own) if not same]
+    starts, ends, owner = _memory_spans(tensors)
+    order = np.argsort(starts, kind="stable")
+    starts, ends, owner = starts[order], ends[order], owner[order]
+    is_param = owner < len(params)
+    # A range overlaps an earlier-starting one iff it starts before the largest end so far: any
+    # earlier range for a param, an earlier param's range for a gradient (gradients may share memory).
+    end_any = np.maximum.accumulate(ends)
+    end_param = np.maximum.accumulate(np.where(is_param, ends, np.iinfo(np.int64).min))
+    clash = np.where(is_param[1:], starts[1:] < end_any[:-1], starts[1:] < end_param[:-1])
+    if clash.any():
+        k = int(np.argmax(clash)) + 1
+        this = int(owner[k])
+        earlier = (ends[:k] > starts[k]) & (is_param[:k] | bool(is_param[k]))
+        other = int(owner[:k][earlier][0])
+        detail = "its adapter slices overlap" if other == this else f"it overlaps {names[other]}"
+        raise ValueError(
+            f"inplace=True: {names[this]} shares memory with what the step reads or writes ({detail}); "
+            "each param must be stored separately from every other param and gradient"
+        )
+
+
 def lora_inner_step_reference(params, grads, lr, *, weight_decay=0.0, max_grad_norm=None, inplace=False):
     """Plain-torch oracle of :func:`lora_inner_step` (same signature; twice differentiable)."""
     n_adapters = params[0].shape[0]
@@ -442,7 +507,11 @@ def lora_inner_step_reference(params, grads, lr, *, weight_decay=0.0, max_grad_n
         # Norms in at least fp32 (bf16 squares would overflow / lose precision), fp64 for fp64.
         norm_dtype = torch.promote_types(params[0].dtype, torch.float32)
         sq = sum(g.to(norm_dtype).reshape(n_adapters, -1).pow(2).sum(1) for g in grads)  # (n_adapters,)
-        clip = (max_grad_norm / (sq.sqrt() + CLIP_EPS)).clamp(max=1.0)
+        # √ at 0 has an infinite derivative (0·∞ = NaN through the clamp): take it only where the
+        # norm is positive. A zero gradient is not clipped (c = 1), as in the kernels' backward.
+        positive = sq > 0
+        norm = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
+        clip = (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     else:
         clip = None
     out = []
@@ -484,7 +553,9 @@ def lora_inner_step(
             c = min(1, max_grad_norm / (‖g_adapter‖ + 1e-6)), the norm taken over all its tensors.
         inplace: update ``params`` in place and return them (not differentiable: truncated steps).
             Views write through to their base buffer. On the Triton backend each params[i][a]
-            must be contiguous and the adapters must not overlap (else a ValueError).
+            must be contiguous and the adapters must not overlap (else a ValueError). On
+            every backend no param may share memory with another param or with a gradient
+            other than its own (the result would depend on the order of writes): a ValueError.
             Otherwise return new tensors, differentiable w.r.t. params, grads and lr (unrolled
             steps; the Triton backward is once-differentiable, the "torch" one twice).
         backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`).
@@ -495,6 +566,8 @@ def lora_inner_step(
     max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
     weight_decay = float(weight_decay)
     if choose_backend(backend, params[0].device) == "torch":
+        if inplace:
+            _check_inplace_overlap(params, grads)
         return lora_inner_step_reference(
             params, grads, lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, inplace=inplace
         )
@@ -504,6 +577,7 @@ def lora_inner_step(
     grads = [with_contiguous_slices(g) for g in grads]
     if inplace:
         _check_inplace_layout(params)
+        _check_inplace_overlap(params, grads)
         with torch.no_grad():
             plan = _StepPlan(params, grads)
             _step_forward(plan, params, grads, params, lr_table, weight_decay, max_grad_norm)

@@ -506,6 +506,8 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids) -> LoraSe
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., d_in), got shape {tuple(x.shape)}")
     d_in = x.shape[-1]
+    if d_in < 1:
+        raise ValueError(f"x must have d_in >= 1 features (its last dimension), got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_a", lora_a, ndim=3)
     check_tensor("lora_b", lora_b, ndim=3)

@@ -356,3 +356,60 @@ def test_gpu_matches_reference(dtype, tol):
     got = torch.autograd.grad(out, [*params, *grads, lr], d_out)
     want = torch.autograd.grad(out_ref, [*wide[0], *wide[1], lr_wide], [d.double() for d in d_out])
     assert_all_close([g.double() for g in got], list(want), "grads", rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_clipped_step_of_an_all_zero_gradient_has_finite_gradients(backend):
+    """‖g‖ = 0 with clipping: c = 1 (no clipping), so ∂out/∂g = −lr (not NaN from √0's derivative)."""
+    params, grads = make_tensors(requires_grad=True)
+    with torch.no_grad():
+        for g in grads:
+            g[1] = 0.0  # adapter 1 has an all-zero gradient, the others are clipped
+    lr = make_lr("per_tensor", requires_grad=True)
+    out = lora_inner_step(params, grads, lr, max_grad_norm=2.0, backend=backend)
+    d_out = [torch.randn_like(o) for o in out]
+    got = torch.autograd.grad(out, [*grads, lr], d_out)
+    assert all(bool(t.isfinite().all()) for t in got)
+    for i, (d_grad, d) in enumerate(zip(got, d_out)):
+        torch.testing.assert_close(d_grad[1], -lr[i].detach() * d[1], msg=f"d grads[{i}] of the zero adapter")
+    want = torch.autograd.grad(lora_inner_step_reference(params, grads, lr, max_grad_norm=2.0), [*grads, lr], d_out)
+    assert_all_close(got, want, "d grads, d lr", rtol=1e-5, atol=1e-5)
+
+
+def _overlapping_cases():
+    buf = torch.zeros(N_ADAPTERS, 10)
+    shared = torch.zeros(N_ADAPTERS, 4)
+    return {
+        "two params share memory": ([buf[:, 0:6], buf[:, 4:10]], None),
+        "the same tensor twice": ([shared, shared], None),
+        "a param is another tensor's grad": ([shared, torch.zeros(N_ADAPTERS, 4)], [torch.ones(N_ADAPTERS, 4), shared]),
+        "adapter slices overlap": ([torch.zeros(4).expand(N_ADAPTERS, 4)], None),
+        "transposed views share memory": ([buf[:, 0:6].unflatten(1, (2, 3)).transpose(1, 2), buf[:, 5:7]], None),
+    }
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", list(_overlapping_cases()))
+def test_inplace_refuses_overlapping_outputs_on_both_backends(case, backend):
+    """An in-place step whose outputs overlap each other or a gradient has no single right answer
+    (it depends on the order of writes): both backends refuse it with the same ValueError."""
+    params, grads = _overlapping_cases()[case]
+    grads = grads or [torch.ones_like(p) for p in params]
+    if case == "transposed views share memory" and backend == "triton":
+        pytest.skip("the Triton path refuses non-contiguous slices for inplace=True first")
+    with pytest.raises(ValueError, match="overlap"):
+        lora_inner_step(params, grads, 0.5, inplace=True, backend=backend)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inplace_with_disjoint_views_and_a_gradient_of_itself(backend):
+    """Views of one buffer that interleave but do not overlap are fine, and so is a gradient that is its own param
+    (every element is read before it is written)."""
+    flat = torch.randn(N_ADAPTERS, 12)
+    params = [flat[:, 0:5], flat[:, 5:12]]
+    expected = lora_inner_step_reference(params, [p.clone() for p in params], 0.25, weight_decay=0.1)
+    lora_inner_step(params, params, 0.25, weight_decay=0.1, inplace=True, backend=backend)
+    assert_all_close(params, expected, "self-gradient")
