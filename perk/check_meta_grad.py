@@ -34,10 +34,12 @@ PARAMETERS = ("adapter_init", "inner_lr_log")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()  # an fp32 dot of 10⁶ terms can exceed the product of the norms
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
 
 
