@@ -89,8 +89,11 @@ def _shrink_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_shrink_configs(), key=["K", "R"])
-@triton.jit
+# Keys hold the layout of the adapter / weight operand, so the forward call and the backward one of
+# a square layer (same K, R, dtypes) are tuned apart: stride_mk is 1 for x Aᵀ, r for dy B;
+# stride_wk is 1 for x Wᵀ, d_in for dy W.
+@triton.autotune(configs=_shrink_configs(), key=["K", "R", "stride_mk"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_shrink_kernel(
     x_ptr, mat_ptr, h_ptr, row_order_ptr, sorted_ids_ptr,
     M, K, R, scale,
@@ -129,18 +132,18 @@ def _lora_shrink_kernel(
             # Adapters may be fp32 while x is bf16: multiply in x's dtype (tensor cores), accumulate in ACC.
             acc = tl.dot(x, mat.to(x.dtype), acc, input_precision=DOT_PRECISION)
     acc = acc * scale
-    tl.store(
-        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+    tl.store(  # int64 offsets: rows x r passes 2^31 at r = 256 from 8.4M rows
+        h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr,
         acc.to(h_ptr.dtype.element_ty),
         mask=m_mask[:, None] & r_mask[None, :],
     )
 
 
 @triton.autotune(
-    configs=_gemm_configs(), key=["N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs}
+    configs=_gemm_configs(), key=["N", "K", "R", "stride_wk"], prune_configs_by={"early_config_prune": _prune_gemm_configs}
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _lora_gemm_expand_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, y_ptr, row_order_ptr, sorted_ids_ptr,
     M, N, K, R, scale,
@@ -193,7 +196,7 @@ def _lora_gemm_expand_kernel(
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = offs_r < R
                 h = tl.load(
-                    h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr,
                     mask=row_mask & r_mask[None, :],
                     other=0.0,
                 )
@@ -212,7 +215,7 @@ def _lora_gemm_expand_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _lora_segment_outer_kernel(
     left_ptr, right_ptr, out_ptr, row_order_ptr, starts_ptr,
     P, Q, scale, n_splits,
@@ -224,7 +227,7 @@ def _lora_segment_outer_kernel(
 
     ``*_SORTED`` operands are indexed by sorted position, the others by ``row_order[i]``.
     """
-    pid_as = tl.program_id(0)
+    pid_as = tl.program_id(0).to(tl.int64)  # int64: split * stride_os can pass 2^31
     a = pid_as // n_splits
     split = pid_as % n_splits
     seg_start = tl.load(starts_ptr + a)
@@ -434,6 +437,11 @@ def lora_segment_outer(
     p, q = left.shape[1], right.shape[1]
     n_adapters = segments.n_adapters
     acc_dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
+    swap = q > p
+    if swap:
+        # The wider side goes on the tile's first axis, where Hopper's wgmma needs 64 rows: the
+        # rank-16 dA = dhᵀ x runs as (xᵀ dh)ᵀ on HGMMA instead of HMMA. Same sums, stored transposed.
+        left, right, left_sorted, right_sorted, p, q = right, left, right_sorted, left_sorted, q, p
     small = interpret_mode()
     block_m = 32 if small else 64
     block_p = max(16, min(next_power_of_2(p), 32 if small else 128))
@@ -442,13 +450,15 @@ def lora_segment_outer(
     if n_splits is None:
         wanted = triton.cdiv(target_programs(left.device), n_adapters * tiles)
         n_splits = max(1, min(wanted, triton.cdiv(segments.max_rows_per_adapter, 4 * block_m)))
-    partial = torch.empty((n_splits, n_adapters, p, q), dtype=acc_dtype, device=left.device)
+    shape = (n_splits, n_adapters, q, p) if swap else (n_splits, n_adapters, p, q)  # the caller's P, Q
+    partial = torch.empty(shape, dtype=acc_dtype, device=left.device)
+    out = partial.transpose(2, 3) if swap else partial  # indexed by the kernel's p, q
     grid = (n_adapters * n_splits, triton.cdiv(p, block_p), triton.cdiv(q, block_q))
     _lora_segment_outer_kernel[grid](
         left, right, partial, segments.row_order, segments.starts,
         p, q, scale, n_splits,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         LEFT_SORTED=left_sorted, RIGHT_SORTED=right_sorted, ACC=_acc_dtype(left.dtype),
         DOT_PRECISION=dot_input_precision(left.dtype),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
