@@ -1,8 +1,9 @@
 """GPU readiness without a GPU: compile every Triton kernel the engine launches, ahead of time.
 
 ``python -m perk_kernels.aot_check`` compiles, for sm_90 and sm_80, every Triton kernel of
-``perk_kernels`` x autotune config x activation dtype x constexpr variant that the engine can
-launch at the shapes of Qwen2.5-0.5B and SmolLM2-135M (LoRA ranks 16, 64, 256), prints a table
+``perk_kernels`` x autotune config x activation dtype (bf16, fp16, fp32; ``--activations tf32``
+adds fp32 with TF32 matmuls, which the engine never turns on) x constexpr variant that the engine
+can launch at the shapes of Qwen2.5-0.5B and SmolLM2-135M (LoRA ranks 16, 64, 256), prints a table
 (registers, spill bytes, shared memory, tensor-core instructions) and exits with status 1 when:
 
 * a kernel fails to compile;
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,27 +176,6 @@ def _kernel_names(module) -> list[str]:
 
 
 @contextlib.contextmanager
-def _recording(sink: list[Launch], use: list) -> Iterator[None]:
-    """Every kernel of KERNEL_MODULES swapped for a recorder, ops forced onto the Triton path."""
-    saved = []
-    try:
-        for name in KERNEL_MODULES:
-            module = importlib.import_module(name)
-            patches = {k: _Recorder(name, k, sink, use) for k in _kernel_names(module)}
-            patches["choose_backend"] = lambda backend, device: "triton"
-            if hasattr(module, "target_programs"):
-                patches["target_programs"] = lambda device: 2 * SMS
-            for attr, value in patches.items():
-                if hasattr(module, attr):
-                    saved.append((module, attr, getattr(module, attr)))
-                    setattr(module, attr, value)
-        yield
-    finally:
-        for module, attr, value in reversed(saved):
-            setattr(module, attr, value)
-
-
-@contextlib.contextmanager
 def _patched(module: str, attr: str, value) -> Iterator[None]:
     """``module.attr`` set to ``value`` (when the module has it) for the block."""
     target = importlib.import_module(module)
@@ -207,6 +188,18 @@ def _patched(module: str, attr: str, value) -> Iterator[None]:
         yield
     finally:
         setattr(target, attr, saved)
+
+
+@contextlib.contextmanager
+def _recording(sink: list[Launch], use: list) -> Iterator[None]:
+    """Every kernel of KERNEL_MODULES swapped for a recorder, ops forced onto the Triton path."""
+    with contextlib.ExitStack() as stack:
+        for name in KERNEL_MODULES:
+            for kernel in _kernel_names(importlib.import_module(name)):
+                stack.enter_context(_patched(name, kernel, _Recorder(name, kernel, sink, use)))
+            stack.enter_context(_patched(name, "choose_backend", lambda backend, device: "triton"))
+            stack.enter_context(_patched(name, "target_programs", lambda device: 2 * SMS))
+        yield
 
 
 @contextlib.contextmanager
@@ -478,17 +471,25 @@ def compile_job(job: Job) -> dict:
             cached.write_text(json.dumps(summary))
         result = {**summary, "shared": compiled.metadata.shared}
     except Exception as e:  # noqa: BLE001 - every failure is reported in the table
-        message = str(e).strip().splitlines()
-        result = {"error": f"{type(e).__name__}: {message[-1] if message else ''}"[:300]}
+        result = {"error": _describe(e)}
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def _worker_init() -> None:
-    import warnings
+def _describe(error: Exception) -> str:
+    """One line for a compile error: Triton's point at the source line ("at 20:45: `code`"), and the cause."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    where = ""
+    if len(lines) >= 3 and lines[-1].strip() == "^":  # CompilationError: "at L:C:", the source, a caret
+        where = f" {lines[0].rstrip(':')} `{lines[-2].strip()}`"
+        lines = []
+    cause = _describe(error.__cause__) if error.__cause__ else (lines[-1] if lines else "")
+    return f"{type(error).__name__}{where}: {cause}"[:400]
 
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, without its warning
+
+def _quiet() -> None:
+    # Triton 3.9 warns that its FP-fusion default will change; the check compiles with the default.
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION")
 
 
 def compile_all(jobs: list[Job], workers: int, progress: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -496,14 +497,14 @@ def compile_all(jobs: list[Job], workers: int, progress: Callable[[int, int], No
     order = sorted(range(len(jobs)), key=lambda i: (not jobs[i].has_dot, -_tile_area(jobs[i])))
     results: list[dict] = [{}] * len(jobs)
     if workers <= 1:
-        _worker_init()
+        _quiet()
         for done, i in enumerate(order, 1):
             results[i] = compile_job(jobs[i])
             if progress:
                 progress(done, len(jobs))
         return results
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet) as pool:
         futures = {pool.submit(compile_job, jobs[i]): i for i in order}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             results[futures[future]] = future.result()
@@ -757,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     if not nvidia.ptxas.path or not nvidia.cuobjdump.path:
         print("GPU readiness: skipped (Triton found no ptxas / cuobjdump)")
         return 0
+    _quiet()
     ranks = tuple(int(r) for r in args.ranks.split(","))
     activations = tuple(args.activations.split(","))
     return run(args.arch.split(","), ranks, activations, args.workers, not args.no_csrc, not args.no_table)
