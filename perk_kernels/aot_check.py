@@ -411,7 +411,8 @@ def expand(launches: list[Launch], archs: list[Arch]) -> tuple[list[Job], list[R
                     job.uses.add(launch.use)
                 else:  # pruned: a row without a compile
                     job = Job(launch.module, launch.kernel, arch.name, (), {}, name, has_dot, key=f"pruned {name}")
-                row = rows.setdefault((job.key, launch.kernel, arch.name, act, pickable), Row(job, act, set(), pickable))
+                row_key = (job.key, launch.kernel, arch.name, act, pickable)
+                row = rows.setdefault(row_key, Row(job, act, set(), pickable))
                 row.ranks.add(rank)
     return list(jobs.values()), list(rows.values())
 
@@ -462,7 +463,8 @@ def compile_job(job: Job) -> dict:
         jit_fn = _jit_function(getattr(importlib.import_module(job.module), job.kernel))
         options, signature, constexprs, attrs = _specialize(jit_fn, arch, job.args, job.kwargs)
         target = GPUTarget("cuda", arch.capability, 32)
-        compiled = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        source = ASTSource(jit_fn, signature, constexprs, attrs)
+        compiled = triton.compile(source, target=target, options=options.__dict__)
         cached = _cache_dir() / f"{compiled.hash}.json"
         if cached.exists():
             summary = json.loads(cached.read_text())
@@ -551,7 +553,11 @@ def launch_failures(rows: list[Row]) -> list[str]:
             for use in row.job.uses:
                 key = (row.job.kernel, row.job.arch, use)
                 fits[key] = fits.get(key, False) or row.result["shared"] <= ARCHS[row.job.arch].max_shared
-    return [f"{kernel} on {arch} for {use}: no config fits in shared memory" for (kernel, arch, use), ok in fits.items() if not ok]
+    return [
+        f"{kernel} on {arch} for {use}: no config fits in shared memory"
+        for (kernel, arch, use), ok in fits.items()
+        if not ok
+    ]
 
 
 def coverage_failures(jobs: list[Job]) -> list[str]:
@@ -577,7 +583,8 @@ def _ranks(ranks: set) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("kernel", "variant", "dtype", "arch", "config", "ranks", "regs", "spill B", "smem KB", "tensor ops", "verdict")
+    header = ("kernel", "variant", "dtype", "arch", "config", "ranks", "regs", "spill B", "smem KB", "tensor ops",
+              "verdict")  # fmt: skip
     lines = []
     order = sorted(rows, key=lambda r: (r.job.kernel, _variant(r.job), r.act, r.job.arch, r.job.config))
     for row in order:
@@ -588,7 +595,8 @@ def format_table(rows: list[Row]) -> str:
             tensor = f"HGMMA {res['hgmma']}" if res["hgmma"] else (f"HMMA {res['hmma']}" if res["hmma"] else "-")
             stats = (str(res["regs"]), str(res["spill"]), f"{res['shared'] / 1024:.0f}", tensor)
         kernel = row.job.kernel.lstrip("_").removesuffix("_kernel")
-        lines.append((kernel, _variant(row.job), row.act, row.job.arch, row.job.config, _ranks(row.ranks), *stats, verdict(row)))
+        where = (kernel, _variant(row.job), row.act, row.job.arch, row.job.config, _ranks(row.ranks))
+        lines.append((*where, *stats, verdict(row)))
     widths = [max(len(str(x[i])) for x in [header, *lines]) for i in range(len(header))]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
@@ -690,7 +698,9 @@ def start_csrc_check() -> Callable[[], tuple[str, list[str]]]:
         seconds = time.perf_counter() - start
         if failures:
             return f"csrc: FAIL ({len(failures)} errors in csrc/)", failures
-        status = f"csrc: {'; '.join(notes)}" if notes else f"csrc: compiles with nvcc for sm_90 ({seconds:.0f} s)"
+        status = f"csrc: compiles with nvcc for sm_90 (done {seconds:.0f} s in)"
+        if notes:
+            status = f"csrc: {'; '.join(notes)}"
         if not notes:
             cached.write_text(json.dumps({"status": "csrc: compiles with nvcc for sm_90"}))
         return status, []
@@ -703,12 +713,15 @@ def start_csrc_check() -> Callable[[], tuple[str, list[str]]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(archs: list[str], ranks: tuple[int, ...], activations: tuple[str, ...], workers: int, csrc: bool, table: bool) -> int:
+def run(
+    archs: list[str], ranks: tuple[int, ...], activations: tuple[str, ...], workers: int, csrc: bool, table: bool
+) -> int:
     start = time.perf_counter()
     wait_csrc = start_csrc_check() if csrc else (lambda: ("csrc: skipped (--no-csrc)", []))
     launches = record_launches(ranks, activations)
     jobs, rows = expand(launches, [ARCHS[a] for a in archs])
-    print(f"{len(launches)} launches recorded -> {len(jobs)} compile jobs ({', '.join(archs)}), {workers} workers", flush=True)
+    targets = ", ".join(archs)
+    print(f"{len(launches)} launches recorded -> {len(jobs)} compile jobs ({targets}), {workers} workers", flush=True)
 
     def progress(done: int, total: int) -> None:
         if done % 50 == 0 or done == total:
@@ -733,7 +746,8 @@ def run(archs: list[str], ranks: tuple[int, ...], activations: tuple[str, ...], 
     failures += csrc_failures
     print(csrc_status)
     slowest = max(results, key=lambda r: r.get("seconds", 0), default={})
-    print(f"{len(jobs)} kernels compiled in {time.perf_counter() - start:.0f} s (slowest {slowest.get('seconds', 0):.1f} s)")
+    elapsed = time.perf_counter() - start
+    print(f"{len(jobs)} kernels compiled in {elapsed:.0f} s (slowest {slowest.get('seconds', 0):.1f} s)")
     for failure in failures:
         print("FAIL:", failure)
     print("GPU readiness: " + ("FAILED" if failures else "ok"))
@@ -744,8 +758,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perk_kernels.aot_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default=",".join(ARCHS), help="targets, comma separated (default: %(default)s)")
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="LoRA ranks (default: %(default)s)")
-    parser.add_argument("--activations", default="bf16,fp16,fp32", help="activation dtypes of %s (default: %%(default)s)" % "/".join(ACTIVATIONS))
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes (default: all CPUs)")
+    dtypes = "/".join(ACTIVATIONS)
+    parser.add_argument("--activations", default="bf16,fp16,fp32", help=f"of {dtypes} (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     parser.add_argument("--no-csrc", action="store_true", help="skip the nvcc compile of csrc/")
     parser.add_argument("--no-table", action="store_true", help="print only the summary and the failures")
     args = parser.parse_args(argv)

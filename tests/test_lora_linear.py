@@ -287,7 +287,9 @@ def test_segments_type_is_public():
     "dtype,precision,fma",
     [(torch.bfloat16, "ieee", False), (torch.float32, "tf32", False), (torch.float32, "ieee", True), (torch.float64, "ieee", True)],
 )
-def test_autotuning_keeps_tiles_that_fit_the_dtype_and_rank(monkeypatch, configs_fn, sm, block_r, dtype, precision, fma):
+def test_autotuning_keeps_tiles_that_fit_the_dtype_and_rank(
+    monkeypatch, configs_fn, sm, block_r, dtype, precision, fma
+):
     """The GPU config lists (read without the interpreter), pruned per call as the autotuner does:
     FMA tiles where tl.dot has no tensor cores, and only tiles that hold BLOCK_R without spilling
     on the GPU at hand."""
