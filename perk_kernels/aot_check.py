@@ -674,9 +674,11 @@ def start_csrc_check() -> Callable[[], tuple[str, list[str]]]:
     out_dir = Path(tempfile.mkdtemp(prefix="perk_csrc_"))
     commands = _csrc_commands(out_dir)
     if isinstance(commands, str):
+        shutil.rmtree(out_dir, ignore_errors=True)
         return lambda: (f"csrc: skipped ({commands})", [])
     cached = _cache_dir() / f"csrc-{_csrc_key(commands)}.json"
     if cached.exists():
+        shutil.rmtree(out_dir, ignore_errors=True)
         return lambda: (json.loads(cached.read_text())["status"] + " (cached)", [])
     start = time.perf_counter()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
