@@ -106,6 +106,11 @@ def target_programs(device: torch.device) -> int:
     return 4
 
 
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (what tile limits are measured per)."""
+    return torch.cuda.get_device_capability(device)
+
+
 def dot_input_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision matching what torch's matmul does for ``dtype``.
 

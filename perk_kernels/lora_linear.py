@@ -38,6 +38,7 @@ from perk_kernels._utils import (
     check_same_device,
     check_tensor,
     choose_backend,
+    device_capability,
     dot_input_precision,
     interpret_mode,
     next_power_of_2,
@@ -49,48 +50,85 @@ from perk_kernels._utils import (
 # ----------------------------------------------------------------------------------------------
 
 
+# Autotune configs. Each tile carries the largest BLOCK_R (the adapter chunk of the LoRA part) it
+# holds without spilling registers on sm_90 and on sm_80, as `python -m perk_kernels.aot_check`
+# measures (0: spills at any rank there): the fused expand keeps a (BLOCK_R, BLOCK_N) fp32 adapter
+# tile beside the accumulator, so at ranks >= 64 (BLOCK_R = 64) only tiles with fewer accumulator
+# registers per thread remain, and Ampere's mma keeps more of them live than Hopper's wgmma.
+# FMA tiles serve dtypes whose tl.dot has no tensor cores (fp32 without TF32, fp64): there the
+# tensor-core tiles spill kilobytes and take minutes to compile.
+#                 BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, largest BLOCK_R on sm_90, on sm_80
+_GEMM_TILES = [
+    (128, 256, 64, 8, 3, 16, 0),
+    (128, 128, 64, 8, 4, 64, 16),
+    (128, 128, 64, 4, 4, 16, 16),
+    (128, 64, 64, 4, 4, 64, 16),
+    (64, 128, 32, 4, 4, 16, 16),
+    (64, 64, 64, 4, 4, 64, 64),
+]
+_GEMM_FMA_TILES = [(64, 64, 32, 4, 3, 64, 64)]
+#                   BLOCK_M, BLOCK_K, warps, stages, largest BLOCK_R on sm_90, on sm_80
+_SHRINK_TILES = [
+    (64, 128, 4, 3, 16, 16),
+    (128, 64, 4, 4, 64, 64),
+    (64, 64, 4, 4, 64, 64),
+    (128, 128, 8, 3, 64, 64),
+]
+_SHRINK_FMA_TILES = [(32, 64, 4, 3, 64, 64)]
+
+# id(config) -> ({sm: largest BLOCK_R}, for FMA dots): read by _prune_configs.
+_TILE_LIMITS: dict[int, tuple[dict[int, int], bool]] = {}
+
+
+def _configs(names: tuple[str, ...], tiles: list[tuple], fma_tiles: list[tuple]) -> list[triton.Config]:
+    configs = []
+    for fma, rows in ((False, tiles), (True, fma_tiles)):
+        for *blocks, warps, stages, max_r_sm90, max_r_sm80 in rows:
+            kwargs = dict(zip(names, blocks))
+            if "BLOCK_N" in kwargs:
+                kwargs["GROUP_M"] = 8
+            config = triton.Config(kwargs, num_warps=warps, num_stages=stages)
+            _TILE_LIMITS[id(config)] = ({90: max_r_sm90, 80: max_r_sm80}, fma)
+            configs.append(config)
+    return configs
+
+
 def _gemm_configs() -> list[triton.Config]:
     if interpret_mode():
         # Small tiles so that CPU tests with tiny shapes still cover multi-tile and tail paths.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4),
-            (64, 256, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 128, 32, 4, 4),
-        ]
-    ]
-
-
-def _prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Small tiles only where ``tl.dot`` has no tensor cores (fp32 without TF32, fp64).
-
-    There it lowers to FMA loops: the large tensor-core tiles only spill registers and take
-    minutes to compile, so autotuning them is wasted time.
-    """
-    dtype = named_args["x_ptr"].dtype
-    tensor_cores = dtype not in (torch.float32, torch.float64) or kwargs.get("DOT_PRECISION") == "tf32"
-    if tensor_cores:
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return small or configs
+    return _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_TILES, _GEMM_FMA_TILES)
 
 
 def _shrink_configs() -> list[triton.Config]:
     if interpret_mode():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
-    ]
+    return _configs(("BLOCK_M", "BLOCK_K"), _SHRINK_TILES, _SHRINK_FMA_TILES)
 
 
-@triton.autotune(configs=_shrink_configs(), key=["K", "R"])
-@triton.jit
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs the autotuner may try for one call: tensor-core or FMA tiles by dtype, and only
+    those that hold the call's BLOCK_R without spilling on this GPU (see _GEMM_TILES)."""
+    if not all(id(c) in _TILE_LIMITS for c in configs):
+        return configs  # the interpreter's single config
+    x = named_args["x_ptr"]
+    fma = x.dtype in (torch.float32, torch.float64) and kwargs.get("DOT_PRECISION") != "tf32"
+    sm = 90 if device_capability(x.device)[0] >= 9 else 80  # newer GPUs get Hopper's limits
+    kept = []
+    for config in configs:
+        max_block_r, fma_tile = _TILE_LIMITS[id(config)]
+        if fma_tile == fma and kwargs.get("BLOCK_R", 0) <= max_block_r[sm]:
+            kept.append(config)
+    return kept or configs
+
+
+# Keys hold the layout of the adapter / weight operand, so the forward call and the backward one of
+# a square layer (same K, R, dtypes) are tuned apart: stride_mk is 1 for x Aᵀ, r for dy B;
+# stride_wk is 1 for x Wᵀ, d_in for dy W.
+@triton.autotune(
+    configs=_shrink_configs(), key=["K", "R", "stride_mk"], prune_configs_by={"early_config_prune": _prune_configs}
+)
+@triton.jit(do_not_specialize=["M"])
 def _lora_shrink_kernel(
     x_ptr, mat_ptr, h_ptr, row_order_ptr, sorted_ids_ptr,
     M, K, R, scale,
@@ -129,18 +167,20 @@ def _lora_shrink_kernel(
             # Adapters may be fp32 while x is bf16: multiply in x's dtype (tensor cores), accumulate in ACC.
             acc = tl.dot(x, mat.to(x.dtype), acc, input_precision=DOT_PRECISION)
     acc = acc * scale
-    tl.store(
-        h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+    tl.store(  # int64 offsets: rows x r passes 2^31 at r = 256 from 8.4M rows
+        h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr,
         acc.to(h_ptr.dtype.element_ty),
         mask=m_mask[:, None] & r_mask[None, :],
     )
 
 
 @triton.autotune(
-    configs=_gemm_configs(), key=["N", "K", "R"], prune_configs_by={"early_config_prune": _prune_gemm_configs}
+    configs=_gemm_configs(),
+    key=["N", "K", "R", "stride_wk"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _lora_gemm_expand_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, y_ptr, row_order_ptr, sorted_ids_ptr,
     M, N, K, R, scale,
@@ -193,7 +233,7 @@ def _lora_gemm_expand_kernel(
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = offs_r < R
                 h = tl.load(
-                    h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                    h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_r[None, :] * stride_hr,
                     mask=row_mask & r_mask[None, :],
                     other=0.0,
                 )
@@ -212,7 +252,7 @@ def _lora_gemm_expand_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _lora_segment_outer_kernel(
     left_ptr, right_ptr, out_ptr, row_order_ptr, starts_ptr,
     P, Q, scale, n_splits,
@@ -224,7 +264,7 @@ def _lora_segment_outer_kernel(
 
     ``*_SORTED`` operands are indexed by sorted position, the others by ``row_order[i]``.
     """
-    pid_as = tl.program_id(0)
+    pid_as = tl.program_id(0).to(tl.int64)  # int64: split * stride_os can pass 2^31
     a = pid_as // n_splits
     split = pid_as % n_splits
     seg_start = tl.load(starts_ptr + a)
@@ -434,6 +474,11 @@ def lora_segment_outer(
     p, q = left.shape[1], right.shape[1]
     n_adapters = segments.n_adapters
     acc_dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
+    swap = q > p
+    if swap:
+        # The wider side goes on the tile's first axis, where Hopper's wgmma needs 64 rows: the
+        # rank-16 dA = dhᵀ x runs as (xᵀ dh)ᵀ on HGMMA instead of HMMA. Same sums, stored transposed.
+        left, right, left_sorted, right_sorted, p, q = right, left, right_sorted, left_sorted, q, p
     small = interpret_mode()
     block_m = 32 if small else 64
     block_p = max(16, min(next_power_of_2(p), 32 if small else 128))
@@ -442,13 +487,15 @@ def lora_segment_outer(
     if n_splits is None:
         wanted = triton.cdiv(target_programs(left.device), n_adapters * tiles)
         n_splits = max(1, min(wanted, triton.cdiv(segments.max_rows_per_adapter, 4 * block_m)))
-    partial = torch.empty((n_splits, n_adapters, p, q), dtype=acc_dtype, device=left.device)
+    shape = (n_splits, n_adapters, q, p) if swap else (n_splits, n_adapters, p, q)  # the caller's P, Q
+    partial = torch.empty(shape, dtype=acc_dtype, device=left.device)
+    out = partial.transpose(2, 3) if swap else partial  # indexed by the kernel's p, q
     grid = (n_adapters * n_splits, triton.cdiv(p, block_p), triton.cdiv(q, block_q))
     _lora_segment_outer_kernel[grid](
         left, right, partial, segments.row_order, segments.starts,
         p, q, scale, n_splits,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         LEFT_SORTED=left_sorted, RIGHT_SORTED=right_sorted, ACC=_acc_dtype(left.dtype),
         DOT_PRECISION=dot_input_precision(left.dtype),
         BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,

@@ -35,9 +35,12 @@ Backends:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import triton
@@ -70,6 +73,7 @@ _FIRST_CHUNK = tl.constexpr(9)  # the tensor's chunks are [first, stop) of each 
 _STOP_CHUNK = tl.constexpr(10)
 _TABLE_COLUMNS = tl.constexpr(11)
 _MAX_PARTIALS_BLOCK = 1024
+_MAX_ADAPTERS = 65535  # both kernels put adapters on the grid's y axis (as csrc/ does)
 
 
 @triton.jit
@@ -190,6 +194,11 @@ def meta_grad_accumulate_triton(v, g, g_plus, g_minus, coef, lr_grad) -> None:
     device = v[0].device
     if device.type == "cuda" and interpret_mode():
         raise ValueError("backend='triton' cannot run CUDA tensors through TRITON_INTERPRET=1 (pointer tables)")
+    if n_adapters > _MAX_ADAPTERS:
+        raise ValueError(
+            f"backend='triton' handles at most {_MAX_ADAPTERS} adapters per call (the grid's y axis), "
+            f"got {n_adapters}: split the adapters over several calls"
+        )
     g = [with_contiguous_slices(t) for t in g]
     update_v = g_plus is not None
     g_plus = [with_contiguous_slices(t) for t in g_plus] if update_v else g
@@ -236,6 +245,18 @@ def meta_grad_accumulate_triton(v, g, g_plus, g_minus, coef, lr_grad) -> None:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_not_built() -> None:
+    """Once per process: the install was asked for the extension (PERK_BUILD_CUDA=1) and skipped it."""
+    note = Path(__file__).with_name("_C_not_built.txt")
+    if note.exists():
+        warnings.warn(
+            f"perk_kernels._C was not built ({note.read_text().strip()}); using the Triton kernels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _extension():
     """The compiled module ``perk_kernels._C``, or None when it is not built or turned off."""
     if os.environ.get(NO_CUDA_EXT_ENV, "0") == "1":
@@ -243,6 +264,7 @@ def _extension():
     try:
         from perk_kernels import _C
     except ImportError:
+        _warn_not_built()
         return None
     return _C
 

@@ -280,20 +280,28 @@ def test_segments_type_is_public():
     assert isinstance(lora_segments(torch.tensor([0]), 1), LoraSegments)
 
 
+@pytest.mark.parametrize("configs_fn", ["_gemm_configs", "_shrink_configs"])
+@pytest.mark.parametrize("sm", [90, 80])
+@pytest.mark.parametrize("block_r", [16, 64])
 @pytest.mark.parametrize(
-    "dtype,precision,pruned",
+    "dtype,precision,fma",
     [(torch.bfloat16, "ieee", False), (torch.float32, "tf32", False), (torch.float32, "ieee", True), (torch.float64, "ieee", True)],
 )
-def test_gemm_autotuning_drops_large_tiles_without_tensor_cores(monkeypatch, dtype, precision, pruned):
-    """The GPU config list (read without the interpreter), pruned per call as the autotuner does."""
+def test_autotuning_keeps_tiles_that_fit_the_dtype_and_rank(
+    monkeypatch, configs_fn, sm, block_r, dtype, precision, fma
+):
+    """The GPU config lists (read without the interpreter), pruned per call as the autotuner does:
+    FMA tiles where tl.dot has no tensor cores, and only tiles that hold BLOCK_R without spilling
+    on the GPU at hand."""
     monkeypatch.setattr(lora_linear_module, "interpret_mode", lambda: False)
-    configs = lora_linear_module._gemm_configs()
-    kept = lora_linear_module._prune_gemm_configs(configs, {"x_ptr": torch.empty(1, dtype=dtype)}, DOT_PRECISION=precision)
-    if not pruned:
-        assert kept == configs
-        return
+    monkeypatch.setattr(lora_linear_module, "device_capability", lambda device: (sm // 10, 0))
+    configs = getattr(lora_linear_module, configs_fn)()
+    kept = lora_linear_module._prune_configs(
+        configs, {"x_ptr": torch.empty(1, dtype=dtype)}, DOT_PRECISION=precision, BLOCK_R=block_r
+    )
     assert 0 < len(kept) < len(configs)
-    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept)
+    limits = [lora_linear_module._TILE_LIMITS[id(c)] for c in kept]
+    assert all(is_fma == fma and block_r <= max_block_r[sm] for max_block_r, is_fma in limits)
 
 
 @pytest.mark.gpu
