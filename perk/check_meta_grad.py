@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     parser.add_argument("--min-cosine", type=float, default=0.95,
                         help="fail below this cosine of the run's mode to the reference (default: 0.95)")
     parser.add_argument("--context-tokens", type=int, default=None,
-                        help="context length of the check problem (default: 2 segments)")
+                        help="context length of the check problem (default: 2 segments, at least 256 tokens)")
     parser.add_argument("--problems", type=int, default=1, help="problems in the check's meta-batch (default: 1)")
     add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
           f"reference: exact in float32", flush=True)
 
     reference = perk_model(config, torch.float32, device, "exact")
-    tokens = args.context_tokens or 2 * config.perk.segment_len
+    tokens = args.context_tokens or max(256, 2 * config.perk.segment_len)
     problems = [p.to_json() for p in generate(config.data.task, args.problems, tokens, reference.tokenizer,
                                               seed=config.data.seed)]
     _, want = reference.meta_gradient(problems)

@@ -176,7 +176,8 @@ def tiny_gpt2_dir(tmp_path_factory):
 
 def check_args(model_dir, *extra):
     return ["--model", str(model_dir), "--device", "cpu", "--perk.rank", "4", "--perk.segment_len", "32",
-            "--perk.inner_steps", "3", "--perk.unroll_steps", "2", "--perk.inner_lr", "1.0", *extra]
+            "--perk.inner_steps", "3", "--perk.unroll_steps", "2", "--perk.inner_lr", "1.0",
+            "--context-tokens", "600", *extra]  # byte-level tokens: a qa1 story needs ~460
 
 
 def test_check_meta_grad_reports_every_mode_and_passes_in_bf16(tiny_gpt2_dir, capsys):
