@@ -19,10 +19,10 @@ import yaml
 from perk.cli import ArgumentParser, UsageError, run_main
 from perk.engine import PerkModel
 from perk.evaluate import METHODS, evaluate
-from perk.models import load_base_model
+from perk.models import load_base_model, resolve_base_dtype
 from perk.report import write_results
 from perk.tasks import TASKS, generate, parse_depth, parse_length, read_jsonl
-from perk.train import FTIC_ADAPTER, PERK_DIR, RESOLVED_CONFIG, base_dtype, load_ftic_adapter, resolve_device
+from perk.train import FTIC_ADAPTER, PERK_DIR, RESOLVED_CONFIG, load_ftic_adapter, resolve_device
 
 
 def _csv(parse, what):
@@ -72,7 +72,7 @@ def load_run(run_dir: Path, model_name: str | None, device: str):
     if not (run_dir / PERK_DIR).is_dir() or not config_file.is_file():
         raise UsageError(f"--checkpoint {run_dir}: not a finished perk.train run (no {PERK_DIR}/ or {RESOLVED_CONFIG})")
     run_config = yaml.safe_load(config_file.read_text())
-    dtype = base_dtype(run_config.get("base_dtype", "auto"), device)
+    dtype = resolve_base_dtype(run_config.get("base_dtype", "auto"), device)
     model, tokenizer = load_base_model(model_name or run_config["model"], dtype=dtype, device=device)
     try:
         pm = PerkModel.from_pretrained(run_dir / PERK_DIR, model, tokenizer)
