@@ -568,25 +568,28 @@ def lora_linear_reference(
     matmul, as the kernels do; weight and bias are treated as frozen (no gradient).
     """
     weight = weight.detach()
+    bias = None if bias is None else bias.detach()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (rows, d_in)
-    y = x2 @ weight.t()
-    if bias is not None:
-        y = y + bias.detach()
+    y = torch.nn.functional.linear(x2, weight, bias)  # (rows, d_out)
+    # The LoRA term is added by the expand's addmm with the scale applied to the (rows, r)
+    # intermediate: no (rows, d_out) temporaries for s·(x Aᵀ) Bᵀ nor for the sum (nor in backward).
     if adapter_ids is None:
-        lora = (x2 @ lora_a[0].t().to(x2.dtype)) @ lora_b[0].t().to(x2.dtype)
-    else:
-        segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
-        # Rows grouped by adapter (a gather only when they are not already), one pair of matmuls
-        # per adapter on its contiguous block, then back to the original row order.
-        x_sorted = x2 if segments.rows_sorted else x2[segments.row_order]
-        blocks = [
-            (rows @ lora_a[a].t().to(x2.dtype)) @ lora_b[a].t().to(x2.dtype)  # (rows_a, d_out)
-            for a, rows in enumerate(x_sorted.split(list(segments.host_counts)))
-        ]
-        lora_sorted = torch.cat(blocks)
-        lora = lora_sorted if segments.rows_sorted else torch.zeros_like(lora_sorted).index_copy(0, segments.row_order, lora_sorted)
-    y = y + scale * lora
+        h = (x2 @ lora_a[0].t().to(x2.dtype)) * scale  # (rows, r)
+        # In place: linear's backward does not need its output, so autograd allows it.
+        return y.addmm_(h, lora_b[0].t().to(x2.dtype)).reshape(*lead, weight.shape[0])
+    segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
+    # Rows grouped by adapter (a gather only when they are not already), one shrink and one
+    # expand-add per adapter on its contiguous block, then back to the original row order.
+    x_sorted, y_sorted = (x2, y) if segments.rows_sorted else (x2[segments.row_order], y[segments.row_order])
+    counts = list(segments.host_counts)
+    blocks = [
+        torch.addmm(y_a, (x_a @ lora_a[a].t().to(x2.dtype)) * scale, lora_b[a].t().to(x2.dtype))  # (rows_a, d_out)
+        for a, (x_a, y_a) in enumerate(zip(x_sorted.split(counts), y_sorted.split(counts)))
+    ]
+    y = torch.cat(blocks)
+    if not segments.rows_sorted:
+        y = torch.empty_like(y).index_copy(0, segments.row_order, y)
     return y.reshape(*lead, weight.shape[0])
 
 
