@@ -209,7 +209,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL) -> PreTraine
 def load_base_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str = "auto",
     device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer.
@@ -217,17 +217,20 @@ def load_base_model(
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded default), a ``.gguf`` file, a local
             Hugging Face model directory, or a hub id already in the local HF cache.
-        dtype: parameter dtype (default float32).
+        dtype: parameter dtype, or a ``base_dtype`` name; the default ``"auto"`` is bf16 on CUDA
+            and on a CPU with fast bf16 matmuls, else fp32 (:func:`resolve_base_dtype`).
         device: where to put the model (default CPU).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode with every parameter frozen.
     """
+    if isinstance(dtype, str):
+        dtype = resolve_base_dtype(dtype, "cpu" if device is None else device)
     source = resolve_model_dir(name_or_path)
     kwargs = _hub_kwargs(str(source))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:
         if isinstance(source, Path):
             raise
