@@ -317,6 +317,9 @@ class CallRecord:
     """What the timed calls of one benchmark saw: wall times (synchronised), peaks, OOM."""
 
     seconds: list[float] = field(default_factory=list)
+    # The process's CPU time per call: on a busy shared CPU machine it counts the work done, where
+    # wall time also counts the waits for a core (with one intra-op thread, the fairer comparison).
+    cpu_seconds: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     peak_extra_bytes: int | None = None
     oom: bool = False
@@ -324,10 +327,11 @@ class CallRecord:
     @contextlib.contextmanager
     def track(self):
         start_bytes = _start_peak()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         yield
         peak = _read_peak()  # synchronises first: the time below includes all queued CUDA work
         self.seconds.append(time.perf_counter() - start)
+        self.cpu_seconds.append(time.process_time() - start_cpu)
         if peak is not None:
             self.peak_bytes = max(self.peak_bytes or 0, peak)
             self.peak_extra_bytes = max(self.peak_extra_bytes or 0, peak - start_bytes)
@@ -525,8 +529,9 @@ def run_benchmark(
         return record
     measured = record.seconds[warmup_rounds:]
     mean = sum(measured) / len(measured)
+    cpu_measured = record.cpu_seconds[warmup_rounds:]
     benchmark.extra_info.update(
-        seconds=mean, tokens_per_s=tokens / mean,
+        seconds=mean, tokens_per_s=tokens / mean, cpu_seconds=sum(cpu_measured) / len(cpu_measured),
         peak_memory_bytes=record.peak_bytes, peak_extra_bytes=record.peak_extra_bytes,
     )
     for name, seconds in (phases.seconds if phases else {}).items():
