@@ -294,10 +294,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         buffer = hidden.new_empty(min(chunk_size, n_rows), n_vocab)
         for start, stop in _chunks(n_rows, chunk_size):
             logits = _chunk_logits(hidden[start:stop], weight, bias, buffer)
-            dlogits = rows_(
-                logits, labels[start:stop], ignore_index, lse[start:stop], loss[start:stop], grad_hidden_unit is not None
-            )
-            if grad_hidden_unit is not None:
+            dlogits = rows_(logits, labels[start:stop], ignore_index, lse[start:stop], loss[start:stop], want_grad_hidden)
+            if want_grad_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden_unit[start:stop])
         ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_hidden_unit)
         ctx.ignore_index = ignore_index

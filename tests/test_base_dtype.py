@@ -46,7 +46,9 @@ def test_auto_on_cpu_follows_the_probe(probe, native, speedup, expected):
     assert len(timed) == (1 if native else 0)  # no timing where the CPU has no native bf16
 
 
-@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+@pytest.mark.parametrize(
+    "name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)]
+)
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_explicit_dtype_wins(probe, name, dtype, device):
     timed = probe(True, 10.0)

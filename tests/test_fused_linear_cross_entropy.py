@@ -149,7 +149,9 @@ def test_torch_backend_in_bf16_matches_the_fp32_reference():
     hidden, weight, _, labels = make_problem(300, 64, 5000, device="cpu")
     upstream = torch.rand(300)
     h16 = hidden.bfloat16().requires_grad_(True)
-    loss = fused_linear_cross_entropy(h16, weight.bfloat16(), labels, ignore_index=IGNORE, chunk_size=128, backend="torch")
+    loss = fused_linear_cross_entropy(
+        h16, weight.bfloat16(), labels, ignore_index=IGNORE, chunk_size=128, backend="torch"
+    )
     (loss * upstream).sum().backward()
     ref_loss, (ref_grad,) = loss_and_grads(
         fused_linear_cross_entropy_reference, hidden.requires_grad_(True), weight, None, labels, upstream
