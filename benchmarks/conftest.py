@@ -1,8 +1,10 @@
 """What every benchmark suite shares: device and size selection, peak memory, OOM capture, budget.
 
-Sizes: ``PERK_BENCH_SIZE=small|full`` (default ``full`` with CUDA, ``small`` without) picks each
+Sizes: ``PERK_BENCH_SIZE=small|full|cpu`` (default ``full`` with CUDA, ``small`` without) picks each
 suite's size table; ``PERK_BENCH_LENGTHS=4K,8K`` keeps only those context lengths (the suites
-that have context lengths). ``PERK_BENCH_DEADLINE`` (Unix time, set by ``benchmarks/run.py``)
+that have context lengths). ``cpu`` is opt-in and runs only the encode-vs-prompt suite, at the real
+SmolLM2-135M size on a CPU (minutes per provider and length; the other suites skip).
+``PERK_BENCH_DEADLINE`` (Unix time, set by ``benchmarks/run.py``)
 skips every benchmark that starts after it, and any size predicted to end after it.
 
 Memory (``extra_info["memory_method"]`` says which):
@@ -61,18 +63,23 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for tests.tiny_models (the offline byte-level tokenizer)
 
+from perk.models import resolve_base_dtype  # noqa: E402
 from perk.tasks import parse_length  # noqa: E402
 from report import format_length  # noqa: E402,F401 — the suites name their sizes like the summary
 from tests.tiny_models import tiny_tokenizer  # noqa: E402
 
-SIZES = ("small", "full")
+SIZES = ("small", "full", "cpu")
 SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
 if SIZE not in SIZES:
     raise ValueError(f"PERK_BENCH_SIZE must be one of {SIZES}, got {SIZE!r}")
+# The suites that have a ``cpu`` size; the others skip at it.
+CPU_SIZE_SUITES = ("test_encode_vs_prompt.py",)
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
 # Base models in bf16 on GPU (as served); fp32 on CPU (the interpreter and many CPU ops lack bf16).
 MODEL_DTYPE = torch.bfloat16 if CUDA else torch.float32
+# perk's base model at the ``cpu`` size: the dtype the product picks on this machine (``base_dtype=auto``).
+PERK_DTYPE = resolve_base_dtype("auto", DEVICE) if SIZE == "cpu" else MODEL_DTYPE
 # perk's engine: the Triton kernels on CUDA; the torch reference on CPU, where the automatic
 # choice would be Triton's (slow) interpreter because TRITON_INTERPRET is set above.
 ENGINE_BACKEND = None if CUDA else "torch"
@@ -86,7 +93,7 @@ MEMORY_METHOD = (
 FAST_CALL_S = 1.0
 ROUNDS_FAST = 3
 # No single call predicted longer than this is started (PERK_BENCH_MAX_CALL_S overrides).
-MAX_CALL_S = float(os.environ.get("PERK_BENCH_MAX_CALL_S") or 120.0)
+MAX_CALL_S = float(os.environ.get("PERK_BENCH_MAX_CALL_S") or (900.0 if SIZE == "cpu" else 120.0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,9 +108,10 @@ def _length_filter() -> set[int] | None:
     return {parse_length(part.strip()) for part in text.split(",") if part.strip()}
 
 
-def context_lengths(full: list[int | str], small: list[int | str]) -> list[int]:
+def context_lengths(full: list[int | str], small: list[int | str], cpu: list[int | str] | None = None) -> list[int]:
     """The context lengths of a suite at the current SIZE, filtered by ``PERK_BENCH_LENGTHS``."""
-    lengths = [parse_length(x) for x in (full if SIZE == "full" else small)]
+    table = {"full": full, "small": small, "cpu": small if cpu is None else cpu}[SIZE]
+    lengths = [parse_length(x) for x in table]
     keep = _length_filter()
     return [n for n in lengths if keep is None or n in keep]
 
@@ -155,14 +163,16 @@ def model_config(name: str, *, min_positions: int = 0):
     )
 
 
-def build_model(name: str, *, attn_implementation: str = "sdpa", min_positions: int = 0):
-    """A random-init causal LM of architecture ``name``, built directly on DEVICE in MODEL_DTYPE."""
+def build_model(
+    name: str, *, attn_implementation: str = "sdpa", min_positions: int = 0, dtype: torch.dtype = MODEL_DTYPE
+):
+    """A random-init causal LM of architecture ``name``, built directly on DEVICE in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     config = model_config(name, min_positions=min_positions)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if CUDA else []), DEVICE:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=MODEL_DTYPE)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -308,6 +318,9 @@ class CallRecord:
     """What the timed calls of one benchmark saw: wall times (synchronised), peaks, OOM."""
 
     seconds: list[float] = field(default_factory=list)
+    # The process's CPU time per call: on a busy shared CPU machine it counts the work done, where
+    # wall time also counts the waits for a core (with one intra-op thread, the fairer comparison).
+    cpu_seconds: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     peak_extra_bytes: int | None = None
     oom: bool = False
@@ -315,10 +328,11 @@ class CallRecord:
     @contextlib.contextmanager
     def track(self):
         start_bytes = _start_peak()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         yield
         peak = _read_peak()  # synchronises first: the time below includes all queued CUDA work
         self.seconds.append(time.perf_counter() - start)
+        self.cpu_seconds.append(time.process_time() - start_cpu)
         if peak is not None:
             self.peak_bytes = max(self.peak_bytes or 0, peak)
             self.peak_extra_bytes = max(self.peak_extra_bytes or 0, peak - start_bytes)
@@ -409,6 +423,16 @@ class Budget:
 
 
 BUDGET = Budget(_deadline(), MAX_CALL_S)
+
+
+def pytest_collection_modifyitems(config, items):
+    """At the ``cpu`` size only the suites that have one run."""
+    if SIZE != "cpu":
+        return
+    skip = pytest.mark.skip(reason=f"PERK_BENCH_SIZE=cpu runs only {', '.join(CPU_SIZE_SUITES)}")
+    for item in items:
+        if item.path.name not in CPU_SIZE_SUITES:
+            item.add_marker(skip)
 
 
 def pytest_runtest_setup(item):
@@ -506,8 +530,9 @@ def run_benchmark(
         return record
     measured = record.seconds[warmup_rounds:]
     mean = sum(measured) / len(measured)
+    cpu_measured = record.cpu_seconds[warmup_rounds:]
     benchmark.extra_info.update(
-        seconds=mean, tokens_per_s=tokens / mean,
+        seconds=mean, tokens_per_s=tokens / mean, cpu_seconds=sum(cpu_measured) / len(cpu_measured),
         peak_memory_bytes=record.peak_bytes, peak_extra_bytes=record.peak_extra_bytes,
     )
     for name, seconds in (phases.seconds if phases else {}).items():

@@ -15,6 +15,13 @@ Lengths: 4K … 128K for every provider on a GPU, plus 1M for perk; naive up to 
 linearly; the anchors give its larger sizes). On CPU (``PERK_BENCH_SIZE=small``) the same families
 shrunk to 2 layers, at 256 and 1K tokens (4K for perk).
 
+``PERK_BENCH_SIZE=cpu`` (opt-in; about 20 minutes on a 2-core machine): SmolLM2-135M at its real
+size on a CPU, r = 16, the three providers side by side at 512, 1K, 2K and 4K tokens (interleaved
+per length, so a busy neighbour slows them alike). perk's base model is in the dtype the product
+picks there (``base_dtype=auto``: bf16 where the CPU's bf16 matmul measures fast), naive's and the
+prompt's in fp32; perk and naive both hold 1K tokens per forward/backward (``micro_batch_tokens``),
+so their memory should stay flat from 1K to 4K.
+
 Every call starts from text, so each provider's time includes its tokenisation (perk's inside
 ``encode``; ``tokenize_seconds`` gives its share, measured once outside the timing). ``tokens`` is
 the context length L; ``encode_seconds`` is the encoding part of perk's and naive's calls. perk's
@@ -35,6 +42,8 @@ from conftest import (
     DEVICE,
     ENGINE_BACKEND,
     MODEL_DTYPE,
+    PERK_DTYPE,
+    SIZE,
     PhaseTimer,
     build_model,
     byte_tokenizer,
@@ -63,9 +72,13 @@ LORA = {
     "r16": dict(rank=16, alpha=16.0, rslora=True),
 }
 
-LENGTHS = context_lengths(full=["4K", "8K", "16K", "32K", "64K", "128K"], small=[256, 1024])
-PERK_ONLY_LENGTHS = context_lengths(full=["1M"], small=[4096])
-NAIVE_LENGTHS = context_lengths(full=["4K", "8K", "16K", "32K"], small=[256, 1024])
+CPU_LENGTHS = ["512", "1K", "2K", "4K"]
+LENGTHS = context_lengths(full=["4K", "8K", "16K", "32K", "64K", "128K"], small=[256, 1024], cpu=CPU_LENGTHS)
+PERK_ONLY_LENGTHS = context_lengths(full=["1M"], small=[4096], cpu=[])
+NAIVE_LENGTHS = context_lengths(full=["4K", "8K", "16K", "32K"], small=[256, 1024], cpu=CPU_LENGTHS)
+# Tokens per forward/backward at the cpu size, for perk and naive alike.
+CPU_MICRO_BATCH_TOKENS = 1024
+DTYPES = {"perk": PERK_DTYPE, "naive": MODEL_DTYPE, "prompt": MODEL_DTYPE}
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,12 @@ class Case:
 def _cases() -> list[Case]:
     """In the order they run: one model per (model, provider, lora), all its lengths in a row."""
     qwen, smollm = "qwen2.5-0.5b", "smollm2-135m"
+    if SIZE == "cpu":  # SmolLM2-135M only, the providers side by side at each length
+        return [
+            Case(smollm, provider, lora, n)
+            for n in LENGTHS
+            for provider, lora in (("perk", "r16"), ("prompt", None), ("naive", "r16"))
+        ]
     cases = [Case(qwen, "prompt", None, n) for n in LENGTHS]
     for lora in ("r256", "r16"):
         cases += [Case(qwen, "perk", lora, n) for n in LENGTHS + PERK_ONLY_LENGTHS]
@@ -112,8 +131,10 @@ def _perk_runner(case: Case, model_slot, phases: PhaseTimer):
         config = PerkConfig(
             **LORA[case.lora], segment_len=SEGMENT_LEN, inner_steps=INNER_STEPS, inner_optimizer=INNER_OPTIMIZER,
             inner_lr=INNER_LR, answer_stop_at_newline=False,
+            **({"micro_batch_tokens": CPU_MICRO_BATCH_TOKENS} if SIZE == "cpu" else {}),
         )
-        return PerkModel.from_base(build_model(case.model), byte_tokenizer(), config, backend=ENGINE_BACKEND)
+        model = build_model(case.model, dtype=PERK_DTYPE)
+        return PerkModel.from_base(model, byte_tokenizer(), config, backend=ENGINE_BACKEND)
 
     perk_model = model_slot.get((case.model, "perk", case.lora), build)
     text = context_text(case.tokens)
@@ -138,6 +159,7 @@ def _naive_runner(case: Case, model_slot, phases: PhaseTimer):
         )
 
     naive = model_slot.get((case.model, "naive", case.lora), build)
+    micro_batch_tokens = CPU_MICRO_BATCH_TOKENS if SIZE == "cpu" else NAIVE_MICRO_BATCH_TOKENS
     tokenizer = byte_tokenizer()
     text = context_text(case.tokens) + "\n"  # perk's document separator: L tokens in all
     question_ids = tokenizer(build_prompt(tokenizer, QUESTION), add_special_tokens=False, return_tensors="pt")
@@ -147,10 +169,10 @@ def _naive_runner(case: Case, model_slot, phases: PhaseTimer):
         with phases("encode"):
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             segments = ids.view(-1, SEGMENT_LEN).to(DEVICE)  # (L / 128, 128)
-            adapters = naive.encode(segments, micro_batch=NAIVE_MICRO_BATCH_TOKENS // SEGMENT_LEN)
+            adapters = naive.encode(segments, micro_batch=micro_batch_tokens // SEGMENT_LEN)
         naive.generate(adapters, question_ids, **GENERATE)
 
-    return run, {"micro_batch_tokens": NAIVE_MICRO_BATCH_TOKENS, "inner_steps": INNER_STEPS}
+    return run, {"micro_batch_tokens": micro_batch_tokens, "inner_steps": INNER_STEPS}
 
 
 RUNNERS = {"prompt": _prompt_runner, "perk": _perk_runner, "naive": _naive_runner}
@@ -169,7 +191,7 @@ def test_encode_vs_prompt(benchmark, model_slot, case):
     )
     record = run_benchmark(
         benchmark, run, series=f"{case.model}/{case.provider}/{case.lora}", size=(case.tokens,),
-        tokens=case.tokens, dtype=MODEL_DTYPE, info=info, phases=phases,
+        tokens=case.tokens, dtype=DTYPES[case.provider], info=info, phases=phases,
     )
     if record is not None and not record.oom:
         assert record.seconds and (record.peak_bytes is None or record.peak_bytes > 0)

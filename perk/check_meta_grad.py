@@ -26,9 +26,9 @@ import torch
 
 from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, run_main
 from perk.engine import PerkModel
-from perk.models import load_base_model
+from perk.models import load_base_model, resolve_base_dtype
 from perk.tasks import generate
-from perk.train import TrainConfig, base_dtype, resolve_device
+from perk.train import TrainConfig, resolve_device
 
 PARAMETERS = ("adapter_init", "inner_lr_log")
 
@@ -70,7 +70,7 @@ def perk_model(config: TrainConfig, dtype: torch.dtype, device: str, meta_grad: 
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     device = resolve_device(config.device)
-    dtype = base_dtype(config.base_dtype, device)
+    dtype = resolve_base_dtype(config.base_dtype, device)
     print(f"perk.check_meta_grad: {config.model}, base model in {str(dtype)[6:]} on {device}; "
           f"reference: exact in float32", flush=True)
 

@@ -20,14 +20,13 @@ from pathlib import Path
 from perk.cli import ArgumentParser, UsageError, config_to_dict, run_main
 from perk.engine import PerkModel, read_pretrained
 from perk.evaluate import METHODS, answer_budget, evaluate
-from perk.models import load_base_model
+from perk.models import load_base_model, resolve_base_dtype
 from perk.report import write_results
 from perk.tasks import TASKS, generate, parse_depth, parse_length, read_problems, with_support_target
 from perk.train import (
     FTIC_ADAPTER,
     PERK_DIR,
     RESOLVED_CONFIG,
-    base_dtype,
     load_ftic_adapter,
     read_run_config,
     resolve_device,
@@ -95,7 +94,7 @@ def load_run(run_dir: Path, model_name: str | None, device: str):
         read_pretrained(run_dir / PERK_DIR)
     except (OSError, ValueError) as err:
         raise UsageError(f"--checkpoint {run_dir}: damaged {PERK_DIR}/ ({err})") from None
-    dtype = base_dtype(run_config.get("base_dtype", "auto"), device)
+    dtype = resolve_base_dtype(run_config.get("base_dtype", "auto"), device)
     model, tokenizer = load_base_model(model_name or run_config["model"], dtype=dtype, device=device)
     try:
         pm = PerkModel.from_pretrained(run_dir / PERK_DIR, model, tokenizer)

@@ -60,7 +60,7 @@ from perk.config import PerkConfig
 from perk.config import _check_positive as check_positive
 from perk.engine import PerkModel, load_tensors
 from perk.evaluate import METHODS, answer_budget, evaluate
-from perk.models import DEFAULT_MODEL, load_base_model
+from perk.models import DEFAULT_MODEL, load_base_model, resolve_base_dtype
 from perk.report import write_results
 from perk.tasks import TASKS, generate, read_problems, with_support_target
 
@@ -119,7 +119,7 @@ class TrainConfig:
     name: str = field("default", "run name: results go to <runs_dir>/<name>/")
     runs_dir: str = field("runs", "folder of all runs")
     device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
-    base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda)")
+    base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda, and on a cpu whose bf16 matmuls measure fast)")
     meta_steps: int = field(24, "optimizer steps of meta-training (and of FT-ICR training)")
     meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
     meta_lr: float = field(3e-3, "Adam learning rate of the adapter init (and token weighting)")
@@ -199,13 +199,6 @@ def resolve_device(requested: str) -> str:
     if requested not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or auto, got {requested!r}")
     return requested
-
-
-def base_dtype(name: str, device: str) -> torch.dtype:
-    """The base model's dtype: ``name``, or for ``"auto"`` bf16 on CUDA and fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def resolve_run(config: TrainConfig, resume: bool, explicit_keys: set[str]) -> tuple[Path, TrainConfig]:
@@ -452,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(config.perk.seed)
 
     print(f"perk.train: run {run_dir} on {device}; loading {config.model}", flush=True)
-    model, tokenizer = load_base_model(config.model, dtype=base_dtype(config.base_dtype, device), device=device)
+    model, tokenizer = load_base_model(config.model, dtype=resolve_base_dtype(config.base_dtype, device), device=device)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
     ftic_adapter = pm.initial_adapter(seed=config.perk.seed + 1).requires_grad_()
 

@@ -24,8 +24,13 @@ The weight and bias gradients mix rows, so they cannot be rescaled afterwards: w
 ``bias`` requires grad (the engine keeps the LM head frozen), backward recomputes each chunk's logits
 from the saved log-sum-exp and accumulates them in fp32. Either way the backward is built from
 values saved in forward, so it is once differentiable (create_graph=True raises): the engine's
-``exact`` meta-gradient mode differentiates twice and must use ``backend="torch"`` (the reference),
-which is twice differentiable.
+``exact`` meta-gradient mode differentiates twice and must use ``backend="torch"``.
+
+The ``torch`` backend (the CPU default) runs the same chunked algorithm, with torch ops in place of
+the two row kernels (chunks of about 32 MiB of logits). Its backward serves a first-order request
+from the saved values too; a differentiable one (``create_graph=True``) is recomputed through
+:func:`fused_linear_cross_entropy_reference`, the oracle that materialises the logits, so the
+torch backend stays twice differentiable.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ from perk_kernels._utils import (
 # A chunk's logits buffer is kept near this size: large enough that the chunk GEMMs stay compute
 # bound (each chunk re-reads the whole LM head), small enough to be a fraction of the unfused peak.
 _LOGITS_CHUNK_BYTES = 512 * 2**20
+# The torch backend (CPU) keeps chunks near cache-friendly sizes: its row operations make a
+# chunk-sized temporary or two, and 256 rows already keep a CPU GEMM compute bound.
+_CHUNK_BYTES = {"triton": _LOGITS_CHUNK_BYTES, "torch": 32 * 2**20}
 _MAX_BLOCK_V = 4096
 
 
@@ -162,6 +170,69 @@ def cross_entropy_dlogits_(
     return logits
 
 
+def cross_entropy_rows_torch_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    lse: torch.Tensor,
+    loss: torch.Tensor,
+    want_dlogits: bool,
+) -> torch.Tensor:
+    """Torch twin of :func:`cross_entropy_rows_`: one exp per logit serves both the log-sum-exp and
+    the softmax (``exp(x − max) / Σ``), in the loss dtype (a chunk-sized fp32 copy of bf16 logits)."""
+    acc = logits.to(lse.dtype)  # the buffer itself for fp32 logits: it is scratch, overwritten here
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, 0).long().unsqueeze(1)
+    target = acc.gather(1, safe_labels).squeeze(1)
+    row_max = acc.amax(1, keepdim=True)
+    exp_sum = acc.sub_(row_max).exp_().sum(1, keepdim=True)  # acc = exp(x − max)
+    lse.copy_((row_max + exp_sum.log()).squeeze(1))
+    loss.copy_(torch.where(valid, lse - target, 0.0))
+    if not want_dlogits:
+        return logits
+    row_scale = valid.to(acc.dtype).unsqueeze(1)
+    acc.mul_(row_scale / exp_sum).scatter_add_(1, safe_labels, -row_scale)  # softmax − onehot; 0 if ignored
+    return logits if acc is logits else logits.copy_(acc)
+
+
+def cross_entropy_dlogits_torch_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch twin of :func:`cross_entropy_dlogits_`: ``logits`` ← scale·(softmax − onehot), in place."""
+    valid = labels != ignore_index
+    scale = valid.to(lse.dtype) if row_scale is None else torch.where(valid, row_scale.to(lse.dtype), 0.0)
+    acc = logits.to(lse.dtype)
+    acc.sub_(lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
+    acc.scatter_add_(1, torch.where(valid, labels, 0).long().unsqueeze(1), -scale.unsqueeze(1))
+    return logits if acc is logits else logits.copy_(acc)
+
+
+def cross_entropy_rows_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    lse: torch.Tensor,
+    loss: torch.Tensor,
+    want_dlogits: bool,
+) -> torch.Tensor:
+    """Both row kernels on a chunk: ``lse`` and ``loss``, then (``want_dlogits``) ``logits`` ←
+    softmax − onehot in place. Returns ``logits``."""
+    cross_entropy_lse_loss(logits, labels, ignore_index, lse, loss)
+    return cross_entropy_dlogits_(logits, labels, lse, ignore_index) if want_dlogits else logits
+
+
+# Each backend's row operations on a chunk's logits: (lse, loss and optionally dlogits; dlogits
+# from a saved lse with a row scale, for the head's gradients).
+_ROW_OPS = {
+    "triton": (cross_entropy_rows_, cross_entropy_dlogits_),
+    "torch": (cross_entropy_rows_torch_, cross_entropy_dlogits_torch_),
+}
+
+
 def _chunk_logits(
     hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor
 ) -> torch.Tensor:
@@ -181,14 +252,16 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def default_chunk_size(n_rows: int, n_vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the largest power of two whose logits fit ``_LOGITS_CHUNK_BYTES``."""
-    fit = max(1, _LOGITS_CHUNK_BYTES // (n_vocab * dtype.itemsize))
+def default_chunk_size(
+    n_rows: int, n_vocab: int, dtype: torch.dtype, budget_bytes: int = _LOGITS_CHUNK_BYTES
+) -> int:
+    """Rows per chunk: the largest power of two whose logits fit ``budget_bytes``."""
+    fit = max(1, budget_bytes // (n_vocab * dtype.itemsize))
     return max(1, min(1 << (fit.bit_length() - 1), n_rows))
 
 
 def _recompute_head_grads(
-    hidden, weight, bias, labels, lse, grad_loss, ignore_index, chunk_size, need_weight, need_bias
+    hidden, weight, bias, labels, lse, grad_loss, ignore_index, chunk_size, need_weight, need_bias, dlogits_
 ):
     """dloss/dweight and dloss/dbias, recomputing each chunk's logits; summed over chunks in fp32."""
     acc_dtype = lse.dtype
@@ -197,9 +270,7 @@ def _recompute_head_grads(
     buffer = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0])
     for start, stop in _chunks(hidden.shape[0], chunk_size):
         logits = _chunk_logits(hidden[start:stop], weight, bias, buffer)
-        dlogits = cross_entropy_dlogits_(
-            logits, labels[start:stop], lse[start:stop], ignore_index, row_scale=grad_loss[start:stop]
-        )
+        dlogits = dlogits_(logits, labels[start:stop], lse[start:stop], ignore_index, row_scale=grad_loss[start:stop])
         if grad_weight is not None:
             grad_weight += (dlogits.t() @ hidden[start:stop]).to(acc_dtype)
         if grad_bias is not None:
@@ -212,8 +283,9 @@ def _recompute_head_grads(
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_size, want_grad_hidden):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_size, want_grad_hidden, backend):
         n_rows, n_vocab = hidden.shape[0], weight.shape[0]
+        rows_, _ = _ROW_OPS[backend]
         loss_dtype = _loss_dtype(hidden.dtype)
         lse = torch.empty(n_rows, dtype=loss_dtype, device=hidden.device)
         loss = torch.empty(n_rows, dtype=loss_dtype, device=hidden.device)
@@ -222,36 +294,50 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         buffer = hidden.new_empty(min(chunk_size, n_rows), n_vocab)
         for start, stop in _chunks(n_rows, chunk_size):
             logits = _chunk_logits(hidden[start:stop], weight, bias, buffer)
-            cross_entropy_lse_loss(logits, labels[start:stop], ignore_index, lse[start:stop], loss[start:stop])
-            if grad_hidden_unit is not None:
-                dlogits = cross_entropy_dlogits_(logits, labels[start:stop], lse[start:stop], ignore_index)
+            dlogits = rows_(logits, labels[start:stop], ignore_index, lse[start:stop], loss[start:stop], want_grad_hidden)
+            if want_grad_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden_unit[start:stop])
         ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_hidden_unit)
         ctx.ignore_index = ignore_index
         ctx.chunk_size = chunk_size
+        ctx.backend = backend
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # torch's once_differentiable only fails when the upstream gradient requires grad; a
-        # create_graph=True request through this op would otherwise silently lose the second-order
-        # term through hidden, so any request for a differentiable backward fails here.
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_linear_cross_entropy's triton backend is once differentiable (its gradient comes "
-                "from values saved in forward); use backend='torch' for double backward"
-            )
         hidden, weight, bias, labels, lse, grad_hidden_unit = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # torch's once_differentiable only fails when the upstream gradient requires grad; a
+        # create_graph=True request through this op would otherwise silently lose the second-order
+        # term through hidden, so a request for a differentiable backward is never served from the
+        # saved values: the torch backend recomputes it through the reference (twice differentiable,
+        # with the reference's [rows, vocab] logits), the triton backend refuses.
+        if torch.is_grad_enabled():
+            if ctx.backend != "torch":
+                raise RuntimeError(
+                    "fused_linear_cross_entropy's triton backend is once differentiable (its gradient comes "
+                    "from values saved in forward); use backend='torch' for double backward"
+                )
+            return _reference_backward(ctx, hidden, weight, bias, labels, grad_loss)
         grad_loss = grad_loss.contiguous()
         grad_hidden = grad_weight = grad_bias = None
         if need_hidden:
             grad_hidden = (grad_hidden_unit.to(grad_loss.dtype) * grad_loss.unsqueeze(1)).to(hidden.dtype)
         if need_weight or need_bias:
             grad_weight, grad_bias = _recompute_head_grads(
-                hidden, weight, bias, labels, lse, grad_loss, ctx.ignore_index, ctx.chunk_size, need_weight, need_bias
+                hidden, weight, bias, labels, lse, grad_loss, ctx.ignore_index, ctx.chunk_size, need_weight,
+                need_bias, _ROW_OPS[ctx.backend][1],
             )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _reference_backward(ctx, hidden, weight, bias, labels, grad_loss):
+    """The gradients as differentiable ops of the reference (the torch backend's double backward)."""
+    inputs = (hidden, weight, bias)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:3]) if need]
+    loss = fused_linear_cross_entropy_reference(hidden, weight, labels, bias=bias, ignore_index=ctx.ignore_index)
+    grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=True))
+    return (*(next(grads) if need else None for need in ctx.needs_input_grad[:3]), None, None, None, None, None)
 
 
 def _check_inputs(hidden, weight, labels, bias, ignore_index, chunk_size) -> None:
@@ -327,22 +413,21 @@ def fused_linear_cross_entropy(
         labels: [rows] int64/int32, each in [0, vocab) or equal to ``ignore_index``.
         bias: optional [vocab], same dtype as ``hidden``.
         ignore_index: label value whose row gets loss 0 and zero gradient.
-        chunk_size: rows per chunk (``triton`` backend); None picks one so that a chunk's logits
-            take about 512 MiB.
-        backend: ``"triton"``, ``"torch"`` (the reference) or None for the automatic choice.
+        chunk_size: rows per chunk; None picks one so that a chunk's logits take about 512 MiB
+            (``triton``) or 32 MiB (``torch``).
+        backend: ``"triton"``, ``"torch"`` (the same chunked algorithm in torch ops: the CPU path)
+            or None for the automatic choice.
 
     Returns:
         [rows] per-token losses in fp32 (float64 if ``hidden`` is float64). Differentiable w.r.t.
-        ``hidden``, ``weight`` and ``bias``; on the ``triton`` backend only once (see module docs).
+        ``hidden``, ``weight`` and ``bias``; on the ``triton`` backend only once, on the ``torch``
+        backend twice (a double backward goes through the reference; see module docs).
     """
     _check_inputs(hidden, weight, labels, bias, ignore_index, chunk_size)
-    if choose_backend(backend, hidden.device) == "torch":
-        return fused_linear_cross_entropy_reference(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, chunk_size=chunk_size
-        )
+    backend = choose_backend(backend, hidden.device)
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, _CHUNK_BYTES[backend])
     want_grad_hidden = torch.is_grad_enabled() and hidden.requires_grad
     return _FusedLinearCrossEntropy.apply(
-        hidden.contiguous(), weight, bias, labels.contiguous(), ignore_index, chunk_size, want_grad_hidden
+        hidden.contiguous(), weight, bias, labels.contiguous(), ignore_index, chunk_size, want_grad_hidden, backend
     )

@@ -602,6 +602,21 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids) -> LoraSe
     return segments
 
 
+def _add_adapter_term(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``y + scale·(x Aᵀ) Bᵀ`` for one adapter's rows, the adapter term in the adapters' dtype.
+
+    The scale goes on the (rows, r) intermediate and, when y has the adapters' dtype, the sum is
+    the expand's addmm: no (rows, d_out) temporaries for s·(x Aᵀ) Bᵀ nor for the sum (nor in
+    backward). Beside a bf16 y the fp32 term is cast once, where it joins the base output.
+    """
+    h = (x.to(lora_a.dtype) @ lora_a.t()) * scale  # (rows, r)
+    if y.dtype == lora_a.dtype:
+        return torch.addmm(y, h, lora_b.t())
+    return y + (h @ lora_b.t()).to(y.dtype)
+
+
 def lora_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -621,25 +636,24 @@ def lora_linear_reference(
     to x's dtype for tensor-core dots: the same function within bf16 tolerance.
     """
     weight = weight.detach()
+    bias = None if bias is None else bias.detach()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (rows, d_in)
-    y = x2 @ weight.t()
-    if bias is not None:
-        y = y + bias.detach()
+    y = torch.nn.functional.linear(x2, weight, bias)  # (rows, d_out)
     if adapter_ids is None:
-        lora = (x2.to(lora_a.dtype) @ lora_a[0].t()) @ lora_b[0].t()
-    else:
-        segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
-        # Rows grouped by adapter (a gather only when they are not already), one pair of matmuls
-        # per adapter on its contiguous block, then back to the original row order.
-        x_sorted = (x2 if segments.rows_sorted else x2[segments.row_order]).to(lora_a.dtype)
-        blocks = [
-            (rows @ lora_a[a].t()) @ lora_b[a].t()  # (rows_a, d_out)
-            for a, rows in enumerate(x_sorted.split(list(segments.host_counts)))
-        ]
-        lora_sorted = torch.cat(blocks)
-        lora = lora_sorted if segments.rows_sorted else torch.zeros_like(lora_sorted).index_copy(0, segments.row_order, lora_sorted)
-    y = y + (scale * lora).to(y.dtype)
+        return _add_adapter_term(y, x2, lora_a[0], lora_b[0], scale).reshape(*lead, weight.shape[0])
+    segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
+    # Rows grouped by adapter (a gather only when they are not already), one shrink and one
+    # expand-add per adapter on its contiguous block, then back to the original row order.
+    x_sorted, y_sorted = (x2, y) if segments.rows_sorted else (x2[segments.row_order], y[segments.row_order])
+    counts = list(segments.host_counts)
+    blocks = [
+        _add_adapter_term(y_a, x_a, lora_a[a], lora_b[a], scale)  # (rows_a, d_out)
+        for a, (x_a, y_a) in enumerate(zip(x_sorted.split(counts), y_sorted.split(counts)))
+    ]
+    y = torch.cat(blocks)
+    if not segments.rows_sorted:
+        y = torch.empty_like(y).index_copy(0, segments.row_order, y)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -45,8 +45,9 @@ def loss_and_grads(fn, hidden, weight, bias, labels, upstream, **kwargs):
         (23, 16, 1000, 1, True, True),  # one row per chunk
     ],
 )
+@pytest.mark.parametrize("backend", [None, "torch"])  # the automatic choice (Triton here) and the chunked torch ops
 def test_matches_reference_with_non_uniform_upstream_gradient(
-    rows, d, vocab, chunk_size, with_bias, head_requires_grad
+    rows, d, vocab, chunk_size, with_bias, head_requires_grad, backend
 ):
     hidden, weight, bias, labels = make_problem(rows, d, vocab, with_bias=with_bias)
     hidden.requires_grad_(True)
@@ -58,7 +59,7 @@ def test_matches_reference_with_non_uniform_upstream_gradient(
     upstream[1::3] = 0.0
 
     loss, grads = loss_and_grads(
-        fused_linear_cross_entropy, hidden, weight, bias, labels, upstream, chunk_size=chunk_size
+        fused_linear_cross_entropy, hidden, weight, bias, labels, upstream, chunk_size=chunk_size, backend=backend
     )
     ref_loss, ref_grads = loss_and_grads(fused_linear_cross_entropy_reference, hidden, weight, bias, labels, upstream)
 
@@ -130,6 +131,34 @@ def test_fused_backward_refuses_double_backward_but_reference_allows_it():
     assert torch.autograd.gradgradcheck(
         lambda h: fused_linear_cross_entropy(h, weight, labels, ignore_index=IGNORE, backend="torch"), (hidden,)
     )
+
+
+def test_torch_backend_is_chunked_and_twice_differentiable():
+    hidden, weight, bias, labels = make_problem(7, 3, 13, dtype=torch.float64, with_bias=True, ignore_every=3)
+    inputs = tuple(t.requires_grad_(True) for t in (hidden, weight, bias))
+
+    def loss(h, w, b):
+        return fused_linear_cross_entropy(h, w, labels, bias=b, ignore_index=IGNORE, chunk_size=3, backend="torch")
+
+    assert torch.autograd.gradcheck(loss, inputs)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+def test_torch_backend_in_bf16_matches_the_fp32_reference():
+    # The CPU bf16 path: bf16 logits per chunk, log-sum-exp and softmax in fp32, dhidden in bf16.
+    hidden, weight, _, labels = make_problem(300, 64, 5000, device="cpu")
+    upstream = torch.rand(300)
+    h16 = hidden.bfloat16().requires_grad_(True)
+    loss = fused_linear_cross_entropy(
+        h16, weight.bfloat16(), labels, ignore_index=IGNORE, chunk_size=128, backend="torch"
+    )
+    (loss * upstream).sum().backward()
+    ref_loss, (ref_grad,) = loss_and_grads(
+        fused_linear_cross_entropy_reference, hidden.requires_grad_(True), weight, None, labels, upstream
+    )
+    assert loss.dtype == torch.float32 and h16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(h16.grad.float(), ref_grad, atol=1e-2, rtol=5e-2)
 
 
 def test_default_chunk_size_is_a_power_of_two_bounded_by_rows():

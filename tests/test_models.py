@@ -18,7 +18,7 @@ def test_tiny_models_round_trip_through_a_directory(family, tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    loaded, loaded_tokenizer = load_base_model(tmp_path)
+    loaded, loaded_tokenizer = load_base_model(tmp_path, dtype=torch.float32)
 
     ids = tokenizer("Mary went to the kitchen.", return_tensors="pt").input_ids
     assert loaded_tokenizer("Mary went to the kitchen.", return_tensors="pt").input_ids.equal(ids)
@@ -26,6 +26,16 @@ def test_tiny_models_round_trip_through_a_directory(family, tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     assert not any(p.requires_grad for p in loaded.parameters())
     assert type(loaded) is type(model)
+
+
+@pytest.mark.parametrize("fast, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_default_dtype_is_the_auto_base_dtype(monkeypatch, tmp_path, fast, expected):
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setattr(models, "cpu_bf16_is_fast", lambda: fast)
+    assert load_base_model(tmp_path)[0].dtype == expected
+    assert load_base_model(tmp_path, dtype="float32")[0].dtype == torch.float32
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -66,8 +76,8 @@ def test_smollm2_alias_loads_through_the_cache(monkeypatch, tmp_path):
     calls = []
     real_load = models._load_from_gguf
     monkeypatch.setattr(models, "_load_from_gguf", lambda path: calls.append(path) or real_load(path))
-    first, tokenizer = load_base_model("smollm2-135m")
-    second, _ = load_base_model("smollm2-135m")
+    first, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
+    second, _ = load_base_model("smollm2-135m", dtype=torch.float32)
     assert len(calls) == 1, "the second load must come from the cache, not the GGUF"
     assert not list((tmp_path / "cache").glob(".*")), "no staging folder may be left behind"
 
