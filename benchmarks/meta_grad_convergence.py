@@ -1,6 +1,6 @@
 """Convergence check of the meta-gradient in bf16: does meta-training follow the fp32 exact curve?
 
-    python benchmarks/meta_grad_convergence.py [--steps 8] [--out benchmarks/results]
+    python benchmarks/meta_grad_convergence.py [--steps 8] [--batch 1] [--out benchmarks/results]
 
 Meta-trains PERK on the embedded SmolLM2-135M (real weights) from the same initialisation, on the
 same sequence of generated babilong/qa1 meta-batches, with the same Adam settings, in four ways:
@@ -76,12 +76,13 @@ def meta_train(run: PerkModel, judge: PerkModel, batches: list[list[dict]], held
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1, help="problems per meta-step")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     torch.manual_seed(0)
     _, tokenizer = load_base_model("smollm2-135m")
-    problems = [p.to_json() for p in generate("babilong/qa1", 2 * args.steps, 256, tokenizer, seed=0)]
-    batches = [problems[2 * i : 2 * i + 2] for i in range(args.steps)]
+    problems = [p.to_json() for p in generate("babilong/qa1", args.batch * args.steps, 256, tokenizer, seed=0)]
+    batches = [problems[args.batch * i : args.batch * (i + 1)] for i in range(args.steps)]
     held_out = [p.to_json() for p in generate("babilong/qa1", 2, 256, tokenizer, seed=1)]
     judge = perk_model(torch.float32, "exact", None)
 
@@ -106,7 +107,7 @@ def main() -> int:
     lines = [
         f"# Meta-gradient convergence in bf16 ({date})", "",
         f"`{command}` on {machine}. SmolLM2-135M (real weights), rank 8, N=3 SGD steps clipped at 1.0, T=2, "
-        f"segments of 64 tokens; {args.steps} Adam meta-steps on meta-batches of 2 babilong/qa1 problems (256 tokens); "
+        f"segments of 64 tokens; {args.steps} Adam meta-steps on meta-batches of {args.batch} babilong/qa1 problem(s) (256 tokens); "
         f"every curve is the fp32 meta-loss on 2 held-out problems after each step.", "",
         f"Tolerance: mean |gap| to the reference curve ≤ {TOLERANCE:.0%} of the reference's total drop "
         f"({drop:.4f} nats).", "",
