@@ -166,7 +166,7 @@ class InnerOptimizer:
             direction.detach(), lr.detach(),
             phi.detach().clone() if unrolled else None,
             precondition.detach() if unrolled else None,
-            clip_grad, clip_coef.detach() if clip_grad is not None else None,
+            clip_grad, clip_coef,
         )
 
     def _clip(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
