@@ -59,11 +59,11 @@ def meta_train(run: PerkModel, judge: PerkModel, batches: list[list[dict]], held
         with torch.no_grad():
             for name, tensor in judge.meta_parameters().items():
                 tensor.copy_(params[name])
-        return float(judge.meta_loss(held_out))
+        return float(judge.meta_loss(held_out)[0])
 
     curve = [score()]
     for batch in batches:
-        _, grads = run.meta_gradient(batch)
+        _, grads, _ = run.meta_gradient(batch)
         optimizer.zero_grad()
         for name, tensor in params.items():
             tensor.grad = grads[name]

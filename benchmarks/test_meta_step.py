@@ -93,7 +93,7 @@ def _perk_runner(case: Case, model_slot):
     problems = [{"context": context_text(case.tokens), "question": QUESTION, "answer": ANSWER}]
 
     def run():
-        _, grads = perk_model.meta_gradient(problems)
+        _, grads, _ = perk_model.meta_gradient(problems)
         params = perk_model.meta_parameters()
         _adam_step(optimizer, list(params.values()), [grads[name] for name in params])
 

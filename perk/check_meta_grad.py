@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.context_tokens or max(256, 2 * config.perk.segment_len)
     problems = [p.to_json() for p in generate(config.data.task, args.problems, tokens, reference.tokenizer,
                                               seed=config.data.seed)]
-    _, want = reference.meta_gradient(problems)
+    _, want, _ = reference.meta_gradient(problems)
     del reference
 
     checked = perk_model(config, dtype, device, "exact")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode, epsilon in modes:
         checked.config.meta_grad, checked.config.fd_epsilon = mode, epsilon
         start = time.perf_counter()
-        _, got = checked.meta_gradient(problems)
+        _, got, _ = checked.meta_gradient(problems)
         seconds = time.perf_counter() - start
         scores = {name: (cosine(got[name], want[name]), relative_error(got[name], want[name])) for name in PARAMETERS}
         results[mode, epsilon] = scores

@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     documents = read_documents(args.context)
     pm, _ = load_run(args.checkpoint, args.model, resolve_device(args.device))
     for question in args.question:  # before the (long) encoding: each question fits with its answer
-        pm.question_prompt(question, args.max_new_tokens)
+        pm.adapted.question_prompt(question, args.max_new_tokens)
 
     start = time.perf_counter()
-    memory = pm.encode(documents)
-    stats = pm.last_stats
+    memory = pm.encode([documents])
+    stats = memory.stats
     losses = stats.inner_losses[:, 0].tolist()
     print(f"encoded {stats.context_tokens} tokens in {time.perf_counter() - start:.1f} s; context loss per inner "
           f"step: {' → '.join(f'{x:.3f}' for x in losses)}", flush=True)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from perk.adapted_model import AdaptedModel
 from perk.engine import PerkModel
 from perk.report import Prediction
 from perk.segments import answer_text, build_prompt
@@ -36,14 +37,14 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def context_prompt(pm: PerkModel, problem, reserve: int) -> tuple[list[int], bool]:
+def context_prompt(adapted: AdaptedModel, problem, reserve: int) -> tuple[list[int], bool]:
     """Prompt tokens with the context before the question, cut to fit the model window less
     ``reserve`` tokens; True when the context had to be cut (its oldest tokens are dropped)."""
-    tokenizer = pm.tokenizer
+    tokenizer = adapted.tokenizer
     question = problem["question"]
     documents = problem["context"]
     context = "\n".join(documents) if isinstance(documents, (list, tuple)) else documents
-    budget = pm.window - reserve
+    budget = adapted.window - reserve
     overhead = len(tokenizer(build_prompt(tokenizer, question, context=""), add_special_tokens=False)["input_ids"])
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     truncated = False
@@ -55,32 +56,32 @@ def context_prompt(pm: PerkModel, problem, reserve: int) -> tuple[list[int], boo
         # few tokens, so shrink until the whole prompt fits.
         keep = max(0, min(len(context_ids), budget - overhead) - (8 if truncated else 0))
         if keep == 0 and truncated:
-            raise ValueError(f"the question alone does not fit the model window ({pm.window} tokens)")
+            raise ValueError(f"the question alone does not fit the model window ({adapted.window} tokens)")
         context_ids = context_ids[len(context_ids) - keep :]
         context = tokenizer.decode(context_ids)
         truncated = True
 
 
 def choice_log_likelihoods(
-    pm: PerkModel, prompt: list[int], choices: list[str], adapter: torch.Tensor | None
+    adapted: AdaptedModel, prompt: list[int], choices: list[str], adapter: torch.Tensor | None
 ) -> torch.Tensor:
     """(n_choices,) log p(choice + eos | prompt) under the base model (+ ``adapter`` (1, P))."""
-    tokenizer = pm.tokenizer
+    tokenizer = adapted.tokenizer
     eos = tokenizer.eos_token_id
     targets = [tokenizer(answer_text(tokenizer, c), add_special_tokens=False)["input_ids"] + [eos] for c in choices]
     rows = [prompt + t for t in targets]
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pm.filler_id, dtype=torch.int64)
+    input_ids = torch.full((len(rows), width), adapted.filler_id, dtype=torch.int64)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)  # right padding: pads never precede a real token
-    input_ids = input_ids.to(pm.device)
-    with torch.no_grad(), pm.adapter_active(adapter):
-        logits = pm.model(input_ids=input_ids).logits.float()
+    input_ids = input_ids.to(adapted.device)
+    with torch.no_grad(), adapted.adapter_active(adapter):
+        logits = adapted.model(input_ids=input_ids).logits.float()
     log_probs = logits.log_softmax(-1)
     scores = torch.zeros(len(rows))
     for i, target in enumerate(targets):
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=pm.device)
-        picked = log_probs[i, positions, torch.tensor(target, device=pm.device)]
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=adapted.device)
+        picked = log_probs[i, positions, torch.tensor(target, device=adapted.device)]
         scores[i] = picked.sum().cpu()
     return scores
 
@@ -118,13 +119,13 @@ def evaluate_perk(pm: PerkModel, problems: Sequence[dict], *, max_new_tokens: in
     """Encode each context (``batch_size`` at a time, one adapter each) and answer from memory."""
     predictions = []
     for batch in _batches(problems, batch_size):
-        memory = pm.encode_many([p["context"] for p in batch])
+        memory = pm.encode([p["context"] for p in batch])
         texts = pm.answer(memory, [p["question"] for p in batch], max_new_tokens=max_new_tokens)
         for i, (problem, text) in enumerate(zip(batch, texts)):
             choice = None
             if problem.get("choices"):
-                prompt = pm.question_prompt(problem["question"])
-                scores = choice_log_likelihoods(pm, prompt, problem.get("choices"), memory.flat[i : i + 1])
+                prompt = pm.adapted.question_prompt(problem["question"])
+                scores = choice_log_likelihoods(pm.adapted, prompt, problem.get("choices"), memory.flat[i : i + 1])
                 choice = problem["choices"][int(scores.argmax())]
             predictions.append(_scored("perk", problem, text, choice, truncated=False))
         if progress is not None:
@@ -132,16 +133,16 @@ def evaluate_perk(pm: PerkModel, problems: Sequence[dict], *, max_new_tokens: in
     return predictions
 
 
-def evaluate_prompted(pm: PerkModel, problems: Sequence[dict], *, method: str, adapter: torch.Tensor | None,
+def evaluate_prompted(adapted: AdaptedModel, problems: Sequence[dict], *, method: str, adapter: torch.Tensor | None,
                       max_new_tokens: int, progress: tqdm | None = None) -> list[Prediction]:
     """The context in the prompt, answered by the base model (+ ``adapter`` for FT-ICR)."""
     predictions = []
     for problem in problems:
-        prompt, truncated = context_prompt(pm, problem, reserve=max_new_tokens + 8)
-        text = pm.generate([prompt], adapter, max_new_tokens=max_new_tokens)[0]
+        prompt, truncated = context_prompt(adapted, problem, reserve=max_new_tokens + 8)
+        text = adapted.generate([prompt], adapter, max_new_tokens=max_new_tokens)[0]
         choice = None
         if problem.get("choices"):
-            scores = choice_log_likelihoods(pm, prompt, problem.get("choices"), adapter)
+            scores = choice_log_likelihoods(adapted, prompt, problem.get("choices"), adapter)
             choice = problem["choices"][int(scores.argmax())]
         predictions.append(_scored(method, problem, text, choice, truncated))
         if progress is not None:
@@ -166,6 +167,6 @@ def evaluate(pm: PerkModel, problems: Sequence[dict], methods: Sequence[str], *,
                                              progress=bar)
             else:
                 adapter = ftic_adapter if method == "ftic" else None
-                predictions += evaluate_prompted(pm, problems, method=method, adapter=adapter,
+                predictions += evaluate_prompted(pm.adapted, problems, method=method, adapter=adapter,
                                                  max_new_tokens=max_new_tokens, progress=bar)
     return predictions

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from perk.inner_loop import PerkStats
 from perk.lora import AdapterLayout
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -25,6 +26,8 @@ class Memory:
     base_model_name_or_path: the base model the adapters belong to.
     inner_losses: (inner_steps, n_adapters) mean context NLL before each inner step.
     context_tokens: (n_adapters,) tokens predicted in each context's segments.
+    stats: what the encode call that wrote it did (all its contexts together; None when loaded
+        or selected).
     """
 
     flat: torch.Tensor
@@ -36,6 +39,7 @@ class Memory:
     base_model_name_or_path: str | None = None
     inner_losses: torch.Tensor | None = None
     context_tokens: torch.Tensor | None = None
+    stats: PerkStats | None = None
 
     @property
     def n_adapters(self) -> int:

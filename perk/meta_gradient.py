@@ -45,14 +45,17 @@ SmolLM2-135M (see :data:`FD_STEP_SCALE`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 import perk_kernels
+from perk.adapted_model import AdaptedModel
 from perk.config import PerkConfig
+from perk.inner_loop import InnerStepRecord, PerkStats, inner_loop
+from perk.segments import TokenBatch
 
 
 # κ of fd_step. On SmolLM2-135M (rank 8 and 32, bf16 base) the fd meta-gradient is at the bf16
@@ -76,112 +79,16 @@ def fd_step(phi: torch.Tensor, compute_dtype: torch.dtype, fd_epsilon: float | N
 
 
 @dataclass
-class InnerStepRecord:
-    """What the walk-back needs of inner step n (adapter-sized tensors only).
-
-    direction: (n_adapters, P) d_n.
-    lr: (n_adapters, G) the rates used (0 for adapters whose step was skipped).
-    phi: (n_adapters, P) φ_n, kept for unrolled steps only.
-    precondition: the diagonal part of ∂D/∂g, (n_adapters, 1) or (n_adapters, P); unrolled steps only.
-    clip_grad: (n_adapters, P) g_n, kept for unrolled SGD steps where some adapter is clipped.
-    clip_coef: (n_adapters, 1) c / ((‖g‖ + 10⁻⁶)‖g‖) for clipped adapters, 0 for the others.
-    """
-
-    direction: torch.Tensor
-    lr: torch.Tensor
-    phi: torch.Tensor | None = None
-    precondition: torch.Tensor | None = None
-    clip_grad: torch.Tensor | None = None
-    clip_coef: torch.Tensor | None = None
-
-    def hessian_input(self, w: torch.Tensor) -> torch.Tensor:
-        """``u = (∂D/∂g) w``: the vector whose Hessian product the step's Jacobian needs."""
-        u = self.precondition * w
-        if self.clip_grad is not None:
-            u = u - self.clip_coef * (self.clip_grad * w).sum(1, keepdim=True) * self.clip_grad
-        return u
-
-
-@dataclass
 class MetaGradient:
-    """Result of :func:`walk_back`.
+    """The outer loss's gradient w.r.t. what the inner loop is a function of.
 
-    init: (P,) ∂L/∂θ.  lr: (N, n_adapters, G) ∂L/∂α.  token_weights: (rows, seq) ∂L/∂w or None.
+    init: (P,) ∂L/∂θ.  lr: (N, n_adapters, G) ∂L/∂α (per adapter, as :func:`walk_back` gives
+    it; summed over adapters by :func:`meta_gradient`).  token_weights: (rows, seq) ∂L/∂w or None.
     """
 
     init: torch.Tensor
     lr: torch.Tensor
     token_weights: torch.Tensor | None
-
-
-class InnerOptimizer:
-    """The inner update rule (SGD or AdamW) on flat adapters; see the module docstring.
-
-    ``step`` may be given gradients that carry a graph (``exact`` mode): the clip factor is then
-    differentiated by autograd, and Adam's statistics are detached, so every mode differentiates
-    the same function.
-    """
-
-    CLIP_EPS = 1e-6  # keeps the clip factor finite for an all-zero gradient
-
-    def __init__(self, config: PerkConfig):
-        self.kind = config.inner_optimizer
-        self.weight_decay = float(config.inner_weight_decay)
-        self.max_grad_norm = config.inner_max_grad_norm
-        self.betas = config.adam_betas
-        self.eps = config.adam_eps
-        self.first_moment: torch.Tensor | None = None
-        self.second_moment: torch.Tensor | None = None
-
-    def step(
-        self, grad: torch.Tensor, phi: torch.Tensor, lr: torch.Tensor, step: int, *, record: bool, unrolled: bool
-    ) -> tuple[torch.Tensor, InnerStepRecord | None]:
-        """``d_n`` for the gradient ``grad`` at ``phi`` (both (n_adapters, P)), step ``step`` ≥ 0, and
-        (with ``record``) what the walk-back needs of the step (φ and ∂D/∂g when ``unrolled``)."""
-        clip_grad = clip_coef = None
-        if self.kind == "sgd":
-            precondition, clip_coef = self._clip(grad)
-            direction = precondition * grad
-            if unrolled and record and bool((clip_coef > 0).any()):
-                clip_grad = grad.detach()
-            else:
-                clip_coef = None
-        else:
-            beta1, beta2 = self.betas
-            if self.first_moment is None:
-                self.first_moment = torch.zeros_like(grad.detach())
-                self.second_moment = torch.zeros_like(grad.detach())
-            moment = beta1 * self.first_moment + (1 - beta1) * grad
-            self.second_moment = beta2 * self.second_moment + (1 - beta2) * grad.detach().square()
-            self.first_moment = moment.detach()
-            bias1 = 1 - beta1 ** (step + 1)
-            denominator = (self.second_moment / (1 - beta2 ** (step + 1))).sqrt_().add_(self.eps)
-            direction = moment / (bias1 * denominator)
-            precondition = (1 - beta1) / (bias1 * denominator)
-        if self.weight_decay:
-            direction = direction + self.weight_decay * phi
-        if not record:
-            return direction, None
-        return direction, InnerStepRecord(
-            direction.detach(), lr.detach(),
-            phi.detach().clone() if unrolled else None,
-            precondition.detach() if unrolled else None,
-            clip_grad, clip_coef,
-        )
-
-    def _clip(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c, k) per adapter: the clip factor c (with its graph when ``grad`` has one) and the
-        coefficient k = c / ((‖g‖ + 10⁻⁶)‖g‖) of its derivative where it clips (0 elsewhere)."""
-        ones = torch.ones(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
-        if self.max_grad_norm is None:
-            return ones, torch.zeros_like(ones)
-        norm = grad.norm(dim=1, keepdim=True)
-        factor = self.max_grad_norm / (norm + self.CLIP_EPS)
-        clipped = factor < 1
-        factor = torch.where(clipped, factor, ones)
-        norm = norm.detach()
-        coef = torch.where(clipped, factor.detach() / ((norm + self.CLIP_EPS) * norm.clamp_min(self.CLIP_EPS)), 0.0)
-        return factor, coef
 
 
 def warn_adam_constants(config: PerkConfig) -> None:
@@ -267,3 +174,78 @@ def walk_back(
         if weight_decay:
             v.sub_(weight_decay * scaled)
     return MetaGradient(v.sum(0), lr_grad, token_grad)
+
+
+def meta_gradient(
+    adapted: AdaptedModel,
+    config: PerkConfig,
+    init: torch.Tensor,
+    lr: torch.Tensor,
+    segments: TokenBatch,
+    answers: TokenBatch,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MetaGradient, PerkStats]:
+    """The outer loss ``Σ answers' weighted NLL`` after the inner loop from ``init`` (P,) with rates
+    ``lr`` (N, G) and token weights ``token_weights`` (rows, seq) over ``segments``, and its
+    gradient w.r.t. those three (``MetaGradient.lr`` summed over adapters: (N, G)), by
+    ``config.meta_grad``: the walk back of DESIGN §4 (``fd``, ``first_order``) or autograd
+    through the unrolled steps (``exact``). Row r of ``answers`` is asked of adapter r's context.
+    """
+    warn_adam_constants(config)
+    init, lr = init.detach(), lr.detach()
+    token_weights = None if token_weights is None else token_weights.detach()
+    if config.meta_grad == "exact":
+        loss, grads, stats = _exact(adapted, config, init, lr, segments, answers, token_weights)
+    else:
+        loss, grads, stats = _walk_back(adapted, config, init, lr, segments, answers, token_weights)
+    return loss, grads, stats
+
+
+def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
+    """``fd`` / ``first_order``: the forward records adapter-sized state, then walk back (§4)."""
+    unroll = config.unroll_steps if config.meta_grad == "fd" else 0
+    with torch.no_grad():
+        phi, records, stats = inner_loop(
+            adapted, config, init, lr, segments, token_weights, record_from=config.inner_steps - unroll
+        )
+    outer = adapted.loss_and_grad(answers, phi)
+    _check_outer(outer.losses)
+
+    def gradient_at(point):
+        result = adapted.loss_and_grad(
+            segments, point, token_weights=token_weights, keep_token_losses=token_weights is not None
+        )
+        if not (result.grad.isfinite().all() and result.losses.isfinite().all()):
+            raise FloatingPointError("non-finite inner gradient in a finite-difference pass of the meta-gradient")
+        return result.grad, result.token_losses
+
+    layout = adapted.layout
+    grads = walk_back(
+        records, outer.grad, gradient_at, group_index=layout.group_index(adapted.device),
+        group_sizes=layout.group_sizes(adapted.device), weight_decay=config.inner_weight_decay,
+        compute_dtype=adapted.model.dtype, fd_epsilon=config.fd_epsilon,
+        token_weight_scale=None if token_weights is None else segments.loss_weights.to(adapted.dtype),
+        row_adapters=segments.row_adapters, backend=adapted.backend,
+    )
+    stats.passes += 2 * unroll
+    return outer.losses.sum(), MetaGradient(grads.init, grads.lr.sum(1), grads.token_weights), stats
+
+
+def _exact(adapted, config, init, lr, segments, answers, token_weights):
+    """``exact``: autograd through the unrolled steps (double backward), the reference mode.
+    Eager attention and the torch kernels for the call: both are twice differentiable."""
+    leaves = [init.requires_grad_(), lr.requires_grad_()]
+    if token_weights is not None:
+        leaves.append(token_weights.requires_grad_())
+    with adapted.eager_attention(), adapted.kernel_backend("torch"), torch.enable_grad():
+        phi, _, stats = inner_loop(adapted, config, init, lr, segments, token_weights, differentiable=True)
+        loss = adapted.loss_and_grad(answers, phi, grad=False).losses.sum()
+        _check_outer(loss.detach().unsqueeze(0))
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    token_grad = grads[2] if token_weights is not None else None
+    return loss.detach(), MetaGradient(grads[0], grads[1], token_grad), stats
+
+
+def _check_outer(losses: torch.Tensor) -> None:
+    if not losses.isfinite().all():
+        raise FloatingPointError(f"non-finite outer loss {losses.tolist()}")

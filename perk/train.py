@@ -378,8 +378,7 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
 
 def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
     def loss_and_grads(batch: list[dict]):
-        loss, grads = pm.meta_gradient(batch)
-        stats = pm.last_stats
+        loss, grads, stats = pm.meta_gradient(batch)
         inner = stats.inner_losses.mean(1)
         return float(loss), grads, {
             "inner_first": float(inner[0]) if len(inner) else float("nan"),
@@ -395,7 +394,7 @@ def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
 
 def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Phase:
     def loss_and_grads(batch: list[dict]):
-        loss, grad = ftic_loss_and_grad(pm, adapter.unsqueeze(0), batch)
+        loss, grad = ftic_loss_and_grad(pm.adapted, adapter.unsqueeze(0), batch)
         return loss, {"adapter": grad[0]}, {}
 
     return Phase("ftic", {"adapter": adapter}, {"adapter": config.ftic_lr}, loss_and_grads)
@@ -447,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"perk.train: run {run_dir} on {device}; loading {config.model}", flush=True)
     model, tokenizer = load_base_model(config.model, dtype=resolve_base_dtype(config.base_dtype, device), device=device)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
-    ftic_adapter = pm.initial_adapter(seed=config.perk.seed + 1).requires_grad_()
+    ftic_adapter = pm.adapted.initial_adapter(torch.Generator().manual_seed(config.perk.seed + 1)).requires_grad_()
 
     phase_index, start_step, resume_state = 0, 0, None
     if args.resume:

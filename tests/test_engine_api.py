@@ -31,11 +31,11 @@ def make_perk(family="llama", **overrides):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_batched_encode_equals_one_context_at_a_time(family):
     perk = make_perk(family)
-    batched = perk.encode([[c] if isinstance(c, str) else c for c in CONTEXTS])
+    batched = perk.encode(CONTEXTS)
     assert isinstance(batched, Memory) and batched.n_adapters == len(CONTEXTS)
     assert batched.inner_losses.shape == (3, len(CONTEXTS))
     for i, context in enumerate(CONTEXTS):
-        single = perk.encode(context)
+        single = perk.encode([context])
         assert single.n_adapters == 1
         torch.testing.assert_close(batched.flat[i : i + 1], single.flat, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(batched.inner_losses[:, i : i + 1], single.inner_losses, rtol=1e-5, atol=1e-6)
@@ -48,10 +48,12 @@ def test_encode_lowers_the_context_loss_and_is_deterministic():
     assert torch.equal(first.flat, second.flat)
     losses = first.inner_losses[:, 0]
     assert (losses[1:] < losses[:-1]).all(), losses
-    assert perk.last_stats.context_tokens == int(first.context_tokens[0]) and perk.last_stats.passes == 3
-    # a plain list of str is one context made of documents; encode_many takes plain-str contexts
-    assert perk.encode(["doc one.", "doc two."]).n_adapters == 1
-    assert perk.encode_many(["doc one.", "doc two."]).n_adapters == 2
+    assert first.stats.context_tokens == int(first.context_tokens[0]) and first.stats.passes == 3
+    assert first.stats.outer_loss is None and first.stats.seconds > 0
+    # the top-level list holds contexts; a context may be a list of documents
+    assert perk.encode(["doc one.", "doc two."]).n_adapters == 2
+    assert perk.encode([["doc one.", "doc two."]]).n_adapters == 1
+    torch.testing.assert_close(perk.encode("doc one.").flat, perk.encode(["doc one."]).flat)
 
 
 def test_meta_parameters_are_live_references():
@@ -73,7 +75,7 @@ def test_meta_parameters_are_live_references():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_answer_from_memory(family):
     perk = make_perk(family)
-    memory = perk.encode_many(CONTEXTS[:2])
+    memory = perk.encode(CONTEXTS[:2])
     one = perk.answer(memory.select(0), "Where is Mary?", max_new_tokens=4)
     assert isinstance(one, str)
     many = perk.answer(memory.select(0), ["Where is Mary?", "Who?"], max_new_tokens=4)
@@ -95,7 +97,7 @@ def test_greedy_answer_equals_argmax_decoding_of_the_adapted_model():
     memory = perk.encode(CONTEXTS[0])
     prompt = perk.tokenizer("Question: Where?\nAnswer:", return_tensors="pt").input_ids
     ids = prompt
-    with torch.no_grad(), perk.context.active(perk.layout.module_views(memory.flat)):
+    with torch.no_grad(), perk.adapted.context.active(perk.layout.module_views(memory.flat)):
         for _ in range(5):
             ids = torch.cat([ids, perk.model(ids).logits[:, -1:].argmax(-1)], 1)
     expected = perk.tokenizer.decode(ids[0, prompt.shape[1] :], skip_special_tokens=True).strip()
@@ -110,7 +112,9 @@ def test_greedy_answer_equals_argmax_decoding_of_the_adapted_model():
         (lambda p: p.encode(""), ValueError, "empty"),
         (lambda p: p.encode("   \n"), ValueError, "empty"),
         (lambda p: p.encode([["ok"], ["  "]]), ValueError, r"context\[1\] is empty"),
-        (lambda p: p.encode(42), TypeError, "str or a list of str"),
+        (lambda p: p.encode(42), TypeError, "str or a non-empty list of contexts"),
+        (lambda p: p.encode([]), TypeError, "str or a non-empty list of contexts"),
+        (lambda p: p.encode([3]), TypeError, "str or a list of str"),
         (lambda p: p.meta_loss([]), TypeError, "non-empty list"),
         (lambda p: p.meta_loss(["x"]), TypeError, r"problems\[0\] must be a dict"),
         (lambda p: p.meta_loss([{"context": "c", "question": "q"}]), ValueError, "lacks"),
@@ -170,8 +174,8 @@ def test_nonfinite_inner_loss_raises_by_default():
 def test_nonfinite_inner_loss_skips_the_step_with_a_warning():
     perk = exploding_perk("skip")
     with pytest.warns(RuntimeWarning, match="step skipped"):
-        memory = perk.encode_many(CONTEXTS[:2])
-    assert perk.last_stats.skipped_steps == [(1, 0), (1, 1), (2, 0), (2, 1)]
+        memory = perk.encode(CONTEXTS[:2])
+    assert memory.stats.skipped_steps == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert memory.flat.isfinite().all()
     # the skipped steps leave a huge but finite adapter, whose answers are not finite: said loudly
     problems = [{"context": CONTEXTS[0], "question": "q", "answer": "a"}]
@@ -205,10 +209,10 @@ def test_exact_mode_switches_sdpa_models_to_eager_and_back():
     config = PerkConfig(rank=4, segment_len=16, inner_steps=2, unroll_steps=2, meta_grad="exact")
     perk = PerkModel.from_base(model, tokenizer, config)
     problems = [{"context": CONTEXTS[0], "question": "Where?", "answer": "kitchen"}]
-    _, exact = perk.meta_gradient(problems)
+    _, exact, _ = perk.meta_gradient(problems)
     assert model.config._attn_implementation == "sdpa"
     perk.config.meta_grad = "fd"
-    _, fd = perk.meta_gradient(problems)
+    _, fd, _ = perk.meta_gradient(problems)
     for name in exact:
         torch.testing.assert_close(fd[name], exact[name], rtol=2e-2, atol=1e-5)
 
@@ -279,5 +283,5 @@ def test_activation_memory_does_not_grow_with_context_length():
     assert encode_long <= 1.2 * encode_short, (encode_short, encode_long)
     assert meta_long <= 1.2 * meta_short, (meta_short, meta_long)
     # without micro-batching the whole context is one pass: activations grow with it
-    perk.config.micro_batch_tokens = 100_000
+    perk.adapted.micro_batch_tokens = 100_000
     assert counter.measure(lambda: perk.encode(long)) > 3 * counter.measure(lambda: perk.encode(short))

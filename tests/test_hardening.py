@@ -133,7 +133,7 @@ def _short_window_model(family):
 def test_answer_refuses_prompt_plus_new_tokens_past_the_window(family):
     perk_model = make_perk(model=_short_window_model(family))
     memory = perk_model.encode("Mary went home.")
-    prompt = len(perk_model.question_prompt("Where?"))  # "Question: Where?\nAnswer:" = 24 byte tokens
+    prompt = len(perk_model.adapted.question_prompt("Where?"))  # "Question: Where?\nAnswer:" = 24 byte tokens
     with pytest.raises(ValueError, match=r"max_new_tokens.*window \(48\)"):
         perk_model.answer(memory, "Where?", max_new_tokens=48 - prompt + 1)
     assert isinstance(perk_model.answer(memory, "Where?", max_new_tokens=48 - prompt), str)

@@ -40,7 +40,7 @@ def untrained_run(tiny_model_dir, runs_dir, *extra):
     model, tokenizer = tiny_model_and_tokenizer("llama")
     pm = PerkModel.from_base(model, tokenizer, config.perk)
     pm.save_pretrained(run / PERK_DIR)
-    save_file({"adapter": pm.initial_adapter(seed=1)}, run / FTIC_ADAPTER)
+    save_file({"adapter": pm.adapted.initial_adapter(torch.Generator().manual_seed(1))}, run / FTIC_ADAPTER)
     return run
 
 
@@ -153,7 +153,7 @@ def test_resume_refuses_checkpoints_of_another_model(run, capsys, other):
     model, tokenizer = tiny_model_and_tokenizer("llama")
     foreign = PerkModel.from_base(model, tokenizer, PerkConfig(**settings))
     state = {"phase": "perk", "phase_step": 1, "optimizer": {}, "scheduler": {}, "rng": {}}
-    save_checkpoint(run, 1, all_tensors(foreign, foreign.initial_adapter(seed=1)), state)
+    save_checkpoint(run, 1, all_tensors(foreign, foreign.adapted.initial_adapter(torch.Generator().manual_seed(1))), state)
     code = run_main(perk_train.main, ["--resume", "--name", "run", "--runs_dir", str(run.parent)], prog="perk.train")
     one_line_error(capsys, code, "step-00000001", "shape")
 

@@ -54,7 +54,8 @@ def make_perk(family, dtype=torch.float64, **overrides):
 def gradient_with(perk, mode, **overrides):
     for key, value in dict(meta_grad=mode, **overrides).items():
         setattr(perk.config, key, value)
-    return perk.meta_gradient(PROBLEMS)
+    loss, grads, _ = perk.meta_gradient(PROBLEMS)
+    return loss, grads
 
 
 def relative_error(got: dict, want: dict) -> float:
@@ -70,7 +71,7 @@ def directional_derivative(perk, direction, h):
         with torch.no_grad():
             for name, tensor in params.items():
                 tensor.add_(step * direction[name])
-            value = perk.meta_loss(PROBLEMS)
+            value, _ = perk.meta_loss(PROBLEMS)
             for name, tensor in params.items():
                 tensor.sub_(step * direction[name])
         return value
@@ -83,7 +84,7 @@ def test_exact_full_unroll_matches_finite_difference_of_meta_loss(family):
     perk = make_perk(family, token_weighting=True)
     loss, grads = gradient_with(perk, "exact")
     assert set(grads) == set(perk.meta_parameters()) and any(k.startswith("weighting.") for k in grads)
-    torch.testing.assert_close(loss, perk.meta_loss(PROBLEMS), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, perk.meta_loss(PROBLEMS)[0], rtol=1e-12, atol=0)
     generator = torch.Generator().manual_seed(2)
     direction = {k: torch.randn(g.shape, generator=generator, dtype=g.dtype) for k, g in grads.items()}
     analytic = sum((grads[k] * direction[k]).sum() for k in grads)
@@ -149,7 +150,7 @@ def reference_truncated_meta_loss(perk):
     )
 
     def loss(batch, phi, scale=1.0):
-        with perk.context.active(perk.layout.module_views(phi), batch.row_adapters, backend="torch"):
+        with perk.adapted.context.active(perk.layout.module_views(phi), batch.row_adapters, backend="torch"):
             logits = perk.model(input_ids=batch.input_ids).logits
         nll = F.cross_entropy(
             logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
@@ -198,8 +199,8 @@ def test_zero_inner_steps_is_the_plain_adapter():
 @pytest.mark.parametrize("mode", ["fd", "exact"])
 def test_meta_batch_gives_the_mean_of_per_problem_results(mode):
     perk = make_perk("gpt2", meta_grad=mode, unroll_steps=2)
-    loss, grads = perk.meta_gradient(PROBLEMS)
-    singles = [perk.meta_gradient([p]) for p in PROBLEMS]
+    loss, grads, _ = perk.meta_gradient(PROBLEMS)
+    singles = [perk.meta_gradient([p])[:2] for p in PROBLEMS]
     torch.testing.assert_close(loss, sum(l for l, _ in singles) / len(PROBLEMS), rtol=1e-10, atol=0)
     mean = {k: sum(g[k] for _, g in singles) / len(PROBLEMS) for k in grads}
     assert relative_error(grads, mean) <= 1e-9
@@ -208,10 +209,9 @@ def test_meta_batch_gives_the_mean_of_per_problem_results(mode):
 def test_meta_gradient_is_deterministic_and_leaves_meta_parameters_untouched():
     perk = make_perk("llama", dtype=torch.float32, unroll_steps=2)
     before = {k: v.detach().clone() for k, v in perk.meta_parameters().items()}
-    loss_a, grads_a = perk.meta_gradient(PROBLEMS)
-    loss_b, grads_b = perk.meta_gradient(PROBLEMS)
+    loss_a, grads_a, stats = perk.meta_gradient(PROBLEMS)
+    loss_b, grads_b, _ = perk.meta_gradient(PROBLEMS)
     assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
     assert all(torch.equal(before[k], v) for k, v in perk.meta_parameters().items())
-    stats = perk.last_stats
     assert stats.inner_losses.shape == (3, len(PROBLEMS)) and stats.passes == 3 + 2 * 2
     assert stats.outer_loss == pytest.approx(float(loss_a))

@@ -51,7 +51,7 @@ def test_naive_encode_matches_perk(optimizer):
 def test_naive_meta_gradient_matches_perk_exact():
     perk_model, naive, tokenizer, segments = _pair("sgd", unroll_steps=2, meta_grad="exact")
     question, answer = "Where is mary?", "kitchen"
-    _, grads = perk_model.meta_gradient([{"context": TEXT, "question": question, "answer": answer}])
+    _, grads, _ = perk_model.meta_gradient([{"context": TEXT, "question": question, "answer": answer}])
     prompt = tokenizer(build_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
     target = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     naive_grads = naive.meta_gradient(

@@ -26,7 +26,7 @@ def encoded(family, rslora):
 
 def engine_logits(perk, memory, index, ids):
     flat = memory.flat[index : index + 1]
-    with torch.no_grad(), perk.context.active(perk.layout.module_views(flat)):
+    with torch.no_grad(), perk.adapted.context.active(perk.layout.module_views(flat)):
         return perk.model(ids).logits
 
 

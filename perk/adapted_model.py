@@ -1,0 +1,292 @@
+"""AdaptedModel: a frozen Hugging Face causal LM with injected LoRA layers, for any flat adapter.
+
+What PERK and the prompt-based baselines (zero-shot, FT-ICR) share: the base model, its
+tokenizer, the adapter layout, and three operations on a flat adapter buffer ``(n_adapters, P)``:
+
+* :meth:`AdaptedModel.loss_and_grad` — Σ weighted token NLL per adapter of a token batch, and its
+  gradient w.r.t. the adapters (accumulated over ``micro_batch_tokens`` chunks);
+* :meth:`AdaptedModel.generate` — greedy continuations of prompts, one adapter per prompt or one
+  for all (or none: the base model);
+* :meth:`AdaptedModel.adapter_active` — a context manager for any other forward.
+
+Losses never materialise logits: the decoder's last hidden states go through
+``perk_kernels.fused_linear_cross_entropy`` with the output embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+import perk_kernels
+from perk.lora import AdapterContext, AdapterLayout, inject_lora
+from perk.segments import IGNORE_INDEX, TokenBatch, prompt_ids
+
+
+@dataclass
+class PassResult:
+    """One pass of :meth:`AdaptedModel.loss_and_grad` over a token batch.
+
+    losses: (n_adapters,) Σ loss_weight·(token weight)·NLL per adapter (with a graph if asked).
+    grad: (n_adapters, P) its gradient w.r.t. the adapters, or None.
+    token_losses: (rows, seq) per-token NLL, detached, or None.
+    """
+
+    losses: torch.Tensor
+    grad: torch.Tensor | None
+    token_losses: torch.Tensor | None
+
+
+class AdaptedModel:
+    """A frozen causal LM whose target layers read a flat LoRA adapter buffer per forward.
+
+    The base model is modified in place (its target layers become :class:`~perk.lora.LoraLinear`,
+    which compute the plain layer when no adapter is active) and frozen. ``dtype`` is the dtype
+    of adapters (float32, or float64 in gradient checks); the base model keeps its own.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        rank: int,
+        scale: float,
+        target_modules: tuple[str, ...],
+        dtype: torch.dtype,
+        micro_batch_tokens: int,
+        stop_at_newline: bool,
+        backend: str | None = None,
+    ):
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.context = AdapterContext(scale, backend)
+        self.layout = AdapterLayout(inject_lora(model, target_modules, self.context), rank)
+        self.device = model.get_output_embeddings().weight.device
+        self.dtype = dtype
+        self.micro_batch_tokens = micro_batch_tokens
+        self.stop_at_newline = stop_at_newline
+
+    @property
+    def backend(self) -> str | None:
+        """Kernel backend of the injected layers and losses (None: automatic)."""
+        return self.context.backend
+
+    def initial_adapter(self, generator: torch.Generator) -> torch.Tensor:
+        """A (P,) adapter as LoRA initialises one: A ~ U(±1/√d_in) (PEFT's Kaiming-uniform), B = 0."""
+        flat = torch.zeros(1, self.layout.n_params, dtype=self.dtype)
+        for spec, (a, _) in zip(self.layout.modules, self.layout.module_views(flat)):
+            bound = 1.0 / math.sqrt(spec.d_in)
+            a.uniform_(-bound, bound, generator=generator)
+        return flat[0].to(self.device)
+
+    def adapter_active(self, adapter: torch.Tensor | None, sequence_adapters: torch.Tensor | None = None):
+        """Context manager: the model's forward applies the flat ``adapter`` (n, P) (None: the
+        plain base model); ``sequence_adapters`` picks each sequence's row when n > 1."""
+        if adapter is None:
+            return contextlib.nullcontext()
+        views = self.layout.module_views(adapter.to(self.device, self.dtype))
+        return self.context.active(views, sequence_adapters)
+
+    # ------------------------------------------------------------------------------------------
+    # Losses and gradients
+    # ------------------------------------------------------------------------------------------
+
+    def loss_and_grad(
+        self,
+        batch: TokenBatch,
+        adapter: torch.Tensor,
+        *,
+        grad: bool = True,
+        create_graph: bool = False,
+        token_weights: torch.Tensor | None = None,
+        keep_token_losses: bool = False,
+    ) -> PassResult:
+        """Σ_tokens loss_weight·(token weight)·NLL per adapter at ``adapter`` (n_adapters, P), in
+        chunks of ``micro_batch_tokens``; with ``grad``, also its gradient w.r.t. the adapters
+        (accumulated over chunks; ``create_graph`` keeps the graph for double backward).
+
+        Without ``grad`` the losses carry a graph only if ``adapter`` does (the exact outer loss).
+        Row r of ``batch`` uses adapter ``batch.row_adapters[r]``.
+        """
+        n_adapters = adapter.shape[0]
+        if grad and not create_graph:
+            adapter = adapter.detach().requires_grad_()
+        track = grad or adapter.requires_grad
+        with torch.set_grad_enabled(track):
+            views = self.layout.tensor_views(adapter)  # the layers' inputs, and what grads are taken of
+        modules = list(zip(views[0::2], views[1::2]))
+        flat_grad = torch.zeros_like(adapter, requires_grad=False) if grad else None
+        losses = torch.zeros(n_adapters, dtype=self.dtype, device=self.device)
+        token_losses = torch.zeros_like(batch.loss_weights, dtype=self.dtype) if keep_token_losses else None
+        head = self.model.get_output_embeddings()
+        for rows in batch.chunks(self.micro_batch_tokens):
+            sequence_adapters = batch.row_adapters[rows] if n_adapters > 1 else None
+            with torch.set_grad_enabled(track), self.context.active(modules, sequence_adapters):
+                hidden = self.hidden(batch.input_ids[rows])  # (rows, seq, d_model)
+                nll = perk_kernels.fused_linear_cross_entropy(
+                    hidden.flatten(0, 1), head.weight, batch.labels[rows].flatten(),
+                    bias=head.bias, ignore_index=IGNORE_INDEX, backend=self.backend,
+                ).view(hidden.shape[:2])  # (rows, seq) fp32, or fp64 for a fp64 model
+                weighted = nll.to(self.dtype) * batch.loss_weights[rows].to(self.dtype)
+                if token_weights is not None:
+                    weighted = weighted * token_weights[rows]
+                row_losses = weighted.sum(1)
+                chunk_loss = row_losses.sum()
+            if keep_token_losses:
+                token_losses[rows] = nll.detach().to(self.dtype)
+            losses = losses.index_add(0, batch.row_adapters[rows], row_losses)
+            if grad:
+                chunk_grads = torch.autograd.grad(
+                    chunk_loss, views, create_graph=create_graph, allow_unused=True, materialize_grads=True
+                )
+                if create_graph:
+                    flat_grad = flat_grad + torch.cat([g.flatten(1) for g in chunk_grads], 1)
+                else:
+                    torch._foreach_add_(self.layout.tensor_views(flat_grad), chunk_grads)
+        if grad and not create_graph:
+            losses = losses.detach()
+        return PassResult(losses, flat_grad, token_losses)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the decoder stack (after its final norm): no logits computed."""
+        with _segment_attention(input_ids.device):
+            return self.model.base_model(input_ids=input_ids, use_cache=False)[0]
+
+    def features(self, batch: TokenBatch) -> torch.Tensor:
+        """(rows, seq, d_model) base-model hidden states of ``batch``, adapters off, no graph."""
+        with torch.no_grad():
+            return torch.cat([self.hidden(batch.input_ids[rows]) for rows in batch.chunks(self.micro_batch_tokens)])
+
+    @contextlib.contextmanager
+    def kernel_backend(self, backend: str):
+        """Run the block with the kernels of ``backend``; restore the previous choice after."""
+        saved, self.context.backend = self.context.backend, backend
+        try:
+            yield
+        finally:
+            self.context.backend = saved
+
+    @contextlib.contextmanager
+    def eager_attention(self):
+        """Run the block with eager (twice-differentiable) attention; restore the model's choice after."""
+        model = self.model
+        current = model.config._attn_implementation
+        if current == "eager":
+            yield
+            return
+        if not hasattr(model, "set_attn_implementation"):
+            raise RuntimeError(
+                f"meta_grad='exact' needs eager attention and this transformers version cannot switch "
+                f"{type(model).__name__} from {current!r}; load the model with attn_implementation='eager'"
+            )
+        model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(current)
+
+    # ------------------------------------------------------------------------------------------
+    # Prompts and generation
+    # ------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], adapter: torch.Tensor | None, max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of token-id ``prompts``, stripped (and cut at a newline when
+        ``stop_at_newline``). ``adapter``: None for the base model alone, a flat (1, P) adapter
+        for every prompt, or (len(prompts), P), one per prompt. Prompt plus ``max_new_tokens``
+        must fit the model window (a ValueError: no position exists past it)."""
+        self.check_fits_window(max(len(p) for p in prompts), max_new_tokens)
+        input_ids, attention_mask = self._left_pad(prompts)
+        sequence_adapters = None
+        if adapter is not None and adapter.shape[0] > 1:
+            if adapter.shape[0] != len(prompts):
+                raise ValueError(f"adapter has {adapter.shape[0]} rows for {len(prompts)} prompts")
+            sequence_adapters = torch.arange(len(prompts), device=self.device)
+        generation = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self._stop_token_ids(),
+            pad_token_id=self.pad_id, bos_token_id=None,
+        )
+        with torch.no_grad(), self.adapter_active(adapter, sequence_adapters):
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
+        texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+        if self.stop_at_newline:
+            texts = [t.split("\n", 1)[0] for t in texts]
+        return [t.strip() for t in texts]
+
+    def question_prompt(self, question: str, max_new_tokens: int = 0) -> list[int]:
+        """Token ids of the prompt that asks ``question`` (no context), as answers are trained.
+
+        A ValueError when the question is empty, or when the prompt plus ``max_new_tokens``
+        generated tokens would not fit the model window (positions past it do not exist).
+        """
+        ids = prompt_ids(self.tokenizer, question, self.window)
+        self.check_fits_window(len(ids), max_new_tokens)
+        return ids
+
+    def check_fits_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.window:
+            raise ValueError(
+                f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceed the model window "
+                f"({self.window}): ask for at most {self.window - prompt_tokens} new tokens"
+            )
+
+    @property
+    def window(self) -> int:
+        """The model's context window in tokens."""
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if value:
+                return int(value)
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def filler_id(self) -> int:
+        """Token id for right padding of loss batches. Causal attention never lets a real token
+        see right padding, so any id works; one other than the model's pad id keeps transformers
+        from warning that an attention mask is missing (none is needed, and SDPA stays causal)."""
+        pad = self.model.config.pad_token_id
+        candidates = (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, 0, 1)
+        return next(c for c in candidates if c is not None and c != pad)
+
+    @property
+    def pad_id(self) -> int:
+        """Left-padding id for generation (the tokenizer's pad, else eos)."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def _stop_token_ids(self) -> list[int]:
+        """eos, plus the newline token when answers stop at a newline and it is a single token."""
+        stops = [self.tokenizer.eos_token_id]
+        if self.stop_at_newline:
+            newline = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
+            if len(newline) == 1:
+                stops += newline
+        return stops
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            attention_mask[i, width - len(row) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def _segment_attention(device: torch.device):
+    """SDPA's backend for passes over segments: on CPU its math path. At segment lengths (128 tokens)
+    torch's CPU flash-attention kernel is the slower one, forward and backward: on SmolLM2-135M in
+    bf16 (1K tokens, one step) a pass took 17-22 s with it against 13.5 s with the math path."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])

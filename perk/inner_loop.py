@@ -1,0 +1,218 @@
+"""The inner loop of DESIGN §1: N steps of the inner optimizer write contexts into adapters.
+
+Every context gets its own adapter, all starting at the meta-learned init θ and stepped together
+in the same forward passes (batched LoRA) on the flat buffer ``φ (n_adapters, P)``:
+
+    φ_{n+1} = φ_n − α_n ⊙ (D_n(g_n) + λ φ_n),      g_n = ∇_φ L_in(φ_n)
+
+with the update rules D_n of :class:`InnerOptimizer` (their derivatives are in
+:mod:`perk.meta_gradient`). The loop can keep what the meta-gradient's walk back needs of each
+step (:class:`InnerStepRecord`, adapter-sized), or build the autograd graph of its last steps
+(``exact`` mode).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+import perk_kernels
+from perk.adapted_model import AdaptedModel
+from perk.config import PerkConfig
+from perk.segments import TokenBatch
+
+
+@dataclass
+class PerkStats:
+    """What one encode / meta_loss / meta_gradient call did (for progress bars and logs).
+
+    inner_losses: (inner_steps, n_contexts) mean context NLL (token-weighted when weighting is on)
+        at φ_n, before step n.
+    outer_loss: mean answer NLL after the inner loop (None for encode).
+    context_tokens: context tokens predicted per pass, all contexts together.
+    passes: forward(+backward) passes over the context segments (inner steps + fd passes).
+    skipped_steps: (step, context) pairs skipped for a non-finite loss (``on_nonfinite="skip"``).
+    seconds: wall time of the call.
+    """
+
+    inner_losses: torch.Tensor
+    outer_loss: float | None
+    context_tokens: int
+    passes: int
+    skipped_steps: list[tuple[int, int]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Context tokens processed per second, counting every pass over them."""
+        return self.context_tokens * self.passes / max(self.seconds, 1e-9)
+
+
+@dataclass
+class InnerStepRecord:
+    """What the walk-back needs of inner step n (adapter-sized tensors only).
+
+    direction: (n_adapters, P) d_n.
+    lr: (n_adapters, G) the rates used (0 for adapters whose step was skipped).
+    phi: (n_adapters, P) φ_n, kept for unrolled steps only.
+    precondition: the diagonal part of ∂D/∂g, (n_adapters, 1) or (n_adapters, P); unrolled steps only.
+    clip_grad: (n_adapters, P) g_n, kept for unrolled SGD steps where some adapter is clipped.
+    clip_coef: (n_adapters, 1) c / ((‖g‖ + 10⁻⁶)‖g‖) for clipped adapters, 0 for the others.
+    """
+
+    direction: torch.Tensor
+    lr: torch.Tensor
+    phi: torch.Tensor | None = None
+    precondition: torch.Tensor | None = None
+    clip_grad: torch.Tensor | None = None
+    clip_coef: torch.Tensor | None = None
+
+    def hessian_input(self, w: torch.Tensor) -> torch.Tensor:
+        """``u = (∂D/∂g) w``: the vector whose Hessian product the step's Jacobian needs."""
+        u = self.precondition * w
+        if self.clip_grad is not None:
+            u = u - self.clip_coef * (self.clip_grad * w).sum(1, keepdim=True) * self.clip_grad
+        return u
+
+
+class InnerOptimizer:
+    """The inner update rule (SGD or AdamW) on flat adapters; see the module docstring.
+
+    ``step`` may be given gradients that carry a graph (``exact`` mode): the clip factor is then
+    differentiated by autograd, and Adam's statistics are detached, so every mode differentiates
+    the same function.
+    """
+
+    CLIP_EPS = 1e-6  # keeps the clip factor finite for an all-zero gradient
+
+    def __init__(self, config: PerkConfig):
+        self.kind = config.inner_optimizer
+        self.weight_decay = float(config.inner_weight_decay)
+        self.max_grad_norm = config.inner_max_grad_norm
+        self.betas = config.adam_betas
+        self.eps = config.adam_eps
+        self.first_moment: torch.Tensor | None = None
+        self.second_moment: torch.Tensor | None = None
+
+    def step(
+        self, grad: torch.Tensor, phi: torch.Tensor, lr: torch.Tensor, step: int, *, record: bool, unrolled: bool
+    ) -> tuple[torch.Tensor, InnerStepRecord | None]:
+        """``d_n`` for the gradient ``grad`` at ``phi`` (both (n_adapters, P)), step ``step`` ≥ 0, and
+        (with ``record``) what the walk-back needs of the step (φ and ∂D/∂g when ``unrolled``)."""
+        clip_grad = clip_coef = None
+        if self.kind == "sgd":
+            precondition, clip_coef = self._clip(grad)
+            direction = precondition * grad
+            if unrolled and record and bool((clip_coef > 0).any()):
+                clip_grad = grad.detach()
+            else:
+                clip_coef = None
+        else:
+            beta1, beta2 = self.betas
+            if self.first_moment is None:
+                self.first_moment = torch.zeros_like(grad.detach())
+                self.second_moment = torch.zeros_like(grad.detach())
+            moment = beta1 * self.first_moment + (1 - beta1) * grad
+            self.second_moment = beta2 * self.second_moment + (1 - beta2) * grad.detach().square()
+            self.first_moment = moment.detach()
+            bias1 = 1 - beta1 ** (step + 1)
+            denominator = (self.second_moment / (1 - beta2 ** (step + 1))).sqrt_().add_(self.eps)
+            direction = moment / (bias1 * denominator)
+            precondition = (1 - beta1) / (bias1 * denominator)
+        if self.weight_decay:
+            direction = direction + self.weight_decay * phi
+        if not record:
+            return direction, None
+        return direction, InnerStepRecord(
+            direction.detach(), lr.detach(),
+            phi.detach().clone() if unrolled else None,
+            precondition.detach() if unrolled else None,
+            clip_grad, clip_coef,
+        )
+
+    def _clip(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c, k) per adapter: the clip factor c (with its graph when ``grad`` has one) and the
+        coefficient k = c / ((‖g‖ + 10⁻⁶)‖g‖) of its derivative where it clips (0 elsewhere)."""
+        ones = torch.ones(grad.shape[0], 1, dtype=grad.dtype, device=grad.device)
+        if self.max_grad_norm is None:
+            return ones, torch.zeros_like(ones)
+        norm = grad.norm(dim=1, keepdim=True)
+        factor = self.max_grad_norm / (norm + self.CLIP_EPS)
+        clipped = factor < 1
+        factor = torch.where(clipped, factor, ones)
+        norm = norm.detach()
+        coef = torch.where(clipped, factor.detach() / ((norm + self.CLIP_EPS) * norm.clamp_min(self.CLIP_EPS)), 0.0)
+        return factor, coef
+
+
+def inner_loop(
+    adapted: AdaptedModel,
+    config: PerkConfig,
+    init: torch.Tensor,
+    lr: torch.Tensor,
+    segments: TokenBatch,
+    token_weights: torch.Tensor | None,
+    *,
+    record_from: int | None = None,
+    differentiable: bool = False,
+) -> tuple[torch.Tensor, list[InnerStepRecord], PerkStats]:
+    """N inner steps from ``init`` (P,) with rates ``lr`` (N, G) over ``segments``; returns φ_N
+    (n_adapters, P), the step records and the stats.
+
+    ``record_from``: keep the records of DESIGN §4 (d_n for every step, φ_n and ∂D/∂g for
+    steps n ≥ record_from). ``differentiable`` (``exact`` mode): steps n ≥ N − T build their
+    graph (create_graph), earlier ones use detached gradients; φ_N then carries the graph to
+    ``init``, ``lr`` and ``token_weights``. Otherwise nothing is differentiated.
+    """
+    n_adapters = segments.n_adapters
+    if not differentiable:
+        lr, init = lr.detach(), init.detach()
+    phi = init.unsqueeze(0).repeat(n_adapters, 1)
+    optimizer = InnerOptimizer(config)
+    records: list[InnerStepRecord] = []
+    losses = torch.zeros(config.inner_steps, n_adapters, dtype=adapted.dtype)
+    skipped: list[tuple[int, int]] = []
+    group_index = adapted.layout.group_index(adapted.device) if differentiable else None
+    for n in range(config.inner_steps):
+        unrolled = differentiable and n >= config.inner_steps - config.unroll_steps
+        result = adapted.loss_and_grad(
+            segments, phi if unrolled else phi.detach(), create_graph=unrolled,
+            token_weights=token_weights if unrolled or token_weights is None else token_weights.detach(),
+        )
+        grad, step_lr = result.grad, lr[n].unsqueeze(0).expand(n_adapters, -1)
+        bad = ~(result.losses.isfinite() & result.grad.isfinite().all(1))
+        if bad.any():
+            grad, step_lr = _skip_nonfinite(config, n, bad, grad, step_lr, skipped)
+        direction, record = optimizer.step(
+            grad, phi, step_lr, n, record=record_from is not None,
+            unrolled=record_from is not None and n >= record_from,
+        )
+        losses[n] = result.losses.detach().cpu()
+        if record is not None:
+            records.append(record)
+        # φ ← φ − α ⊙ d. Without a graph: one fused launch over every tensor group, in place
+        # in the flat buffer. With one (exact mode): the same update as differentiable ops on
+        # the flat buffer (α expanded from groups to elements), which autograd goes through.
+        if differentiable:
+            phi = phi - step_lr[:, group_index].to(phi.dtype) * direction
+        else:
+            perk_kernels.lora_inner_step(
+                adapted.layout.tensor_views(phi), adapted.layout.tensor_views(direction), step_lr,
+                inplace=True, backend=adapted.backend,
+            )
+    stats = PerkStats(losses, None, segments.n_tokens, config.inner_steps, skipped)
+    return phi, records, stats
+
+
+def _skip_nonfinite(config, step, bad, grad, step_lr, skipped):
+    """Raise, or skip the step for the adapters whose inner loss or gradient is not finite."""
+    contexts = bad.nonzero().flatten().tolist()
+    message = f"non-finite inner loss or gradient at inner step {step} for context(s) {contexts}"
+    if config.on_nonfinite == "raise":
+        raise FloatingPointError(message + " (set on_nonfinite='skip' to skip such steps)")
+    warnings.warn(message + ": step skipped", RuntimeWarning, stacklevel=4)
+    skipped += [(step, c) for c in contexts]
+    keep = (~bad).unsqueeze(1)
+    return torch.where(keep, grad, 0.0), step_lr * keep.to(step_lr.dtype)
