@@ -58,7 +58,7 @@ class InnerStepRecord:
     lr: (n_adapters, G) the rates used (0 for adapters whose step was skipped).
     phi: (n_adapters, P) φ_n, kept for unrolled steps only.
     precondition: the diagonal part of ∂D/∂g, (n_adapters, 1) or (n_adapters, P); unrolled steps only.
-    clip_grad: (n_adapters, P) g_n, kept for unrolled SGD steps where some adapter is clipped.
+    clip_grad: (n_adapters, P) g_n, kept for unrolled SGD steps with clipping on.
     clip_coef: (n_adapters, 1) c / ((‖g‖ + 10⁻⁶)‖g‖) for clipped adapters, 0 for the others.
     """
 
@@ -105,7 +105,8 @@ class InnerOptimizer:
         if self.kind == "sgd":
             precondition, clip_coef = self._clip(grad)
             direction = precondition * grad
-            if unrolled and record and bool((clip_coef > 0).any()):
+            # Kept whenever clipping is on (not only where it acts): deciding would sync the host.
+            if unrolled and record and self.max_grad_norm is not None:
                 clip_grad = grad.detach()
             else:
                 clip_coef = None
@@ -172,8 +173,9 @@ def inner_loop(
     phi = init.unsqueeze(0).repeat(n_adapters, 1)
     optimizer = InnerOptimizer(config)
     records: list[InnerStepRecord] = []
-    losses = torch.zeros(config.inner_steps, n_adapters, dtype=adapted.dtype)
-    skipped: list[tuple[int, int]] = []
+    # Per-step results stay on the device until the loop ends: one host sync per call, not per step.
+    losses = torch.zeros(config.inner_steps, n_adapters, dtype=adapted.dtype, device=adapted.device)
+    nonfinite = torch.zeros(config.inner_steps, n_adapters, dtype=torch.bool, device=adapted.device)
     group_index = adapted.layout.group_index(adapted.device) if differentiable else None
     for n in range(config.inner_steps):
         unrolled = differentiable and n >= config.inner_steps - config.unroll_steps
@@ -182,14 +184,15 @@ def inner_loop(
             token_weights=token_weights if unrolled or token_weights is None else token_weights.detach(),
         )
         grad, step_lr = result.grad, lr[n].unsqueeze(0).expand(n_adapters, -1)
-        bad = ~(result.losses.isfinite() & result.grad.isfinite().all(1))
-        if bad.any():
-            grad, step_lr = _skip_nonfinite(config, n, bad, grad, step_lr, skipped)
+        nonfinite[n] = ~(result.losses.isfinite() & result.grad.isfinite().all(1))
+        if config.on_nonfinite == "skip":  # a zero step for those adapters
+            keep = ~nonfinite[n].unsqueeze(1)
+            grad, step_lr = torch.where(keep, grad, 0.0), step_lr * keep.to(step_lr.dtype)
         direction, record = optimizer.step(
             grad, phi, step_lr, n, record=record_from is not None,
             unrolled=record_from is not None and n >= record_from,
         )
-        losses[n] = result.losses.detach().cpu()
+        losses[n] = result.losses.detach()
         if record is not None:
             records.append(record)
         # φ ← φ − α ⊙ d. Without a graph: one fused launch over every tensor group, in place
@@ -202,17 +205,20 @@ def inner_loop(
                 adapted.layout.tensor_views(phi), adapted.layout.tensor_views(direction), step_lr,
                 inplace=True, backend=adapted.backend,
             )
-    stats = PerkStats(losses, None, segments.n_tokens, config.inner_steps, skipped)
+    skipped = _report_nonfinite(config, nonfinite.cpu())
+    stats = PerkStats(losses.cpu(), None, segments.n_tokens, config.inner_steps, skipped)
     return phi, records, stats
 
 
-def _skip_nonfinite(config, step, bad, grad, step_lr, skipped):
-    """Raise, or skip the step for the adapters whose inner loss or gradient is not finite."""
-    contexts = bad.nonzero().flatten().tolist()
+def _report_nonfinite(config: PerkConfig, nonfinite: torch.Tensor) -> list[tuple[int, int]]:
+    """Raise (``on_nonfinite="raise"``), or warn about the skipped (step, context) pairs."""
+    skipped = [tuple(pair) for pair in nonfinite.nonzero().tolist()]
+    if not skipped:
+        return []
+    step = skipped[0][0]
+    contexts = [c for s, c in skipped if s == step]
     message = f"non-finite inner loss or gradient at inner step {step} for context(s) {contexts}"
     if config.on_nonfinite == "raise":
         raise FloatingPointError(message + " (set on_nonfinite='skip' to skip such steps)")
-    warnings.warn(message + ": step skipped", RuntimeWarning, stacklevel=4)
-    skipped += [(step, c) for c in contexts]
-    keep = (~bad).unsqueeze(1)
-    return torch.where(keep, grad, 0.0), step_lr * keep.to(step_lr.dtype)
+    warnings.warn(f"{message}: step skipped ({len(skipped)} (step, context) pairs in all)", RuntimeWarning, stacklevel=4)
+    return skipped

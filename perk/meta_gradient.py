@@ -211,12 +211,13 @@ def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
     outer = adapted.loss_and_grad(answers, phi)
     _check_outer(outer.losses)
 
+    finite = torch.ones((), dtype=torch.bool, device=adapted.device)  # checked once, after the walk
+
     def gradient_at(point):
         result = adapted.loss_and_grad(
             segments, point, token_weights=token_weights, keep_token_losses=token_weights is not None
         )
-        if not (result.grad.isfinite().all() and result.losses.isfinite().all()):
-            raise FloatingPointError("non-finite inner gradient in a finite-difference pass of the meta-gradient")
+        finite.logical_and_(result.grad.isfinite().all() & result.losses.isfinite().all())
         return result.grad, result.token_losses
 
     layout = adapted.layout
@@ -227,6 +228,8 @@ def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
         token_weight_scale=None if token_weights is None else segments.loss_weights.to(adapted.dtype),
         row_adapters=segments.row_adapters, backend=adapted.backend,
     )
+    if not finite:
+        raise FloatingPointError("non-finite inner gradient in a finite-difference pass of the meta-gradient")
     stats.passes += 2 * unroll
     return outer.losses.sum(), MetaGradient(grads.init, grads.lr.sum(1), grads.token_weights), stats
 

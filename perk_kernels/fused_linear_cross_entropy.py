@@ -87,9 +87,11 @@ def _cross_entropy_lse_loss_kernel(
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
-    target = tl.load(row_ptr + label, mask=valid, other=0.0).to(acc_dtype)
+    in_vocab = (label >= 0) & (label < n_vocab)
+    target = tl.load(row_ptr + label, mask=valid & in_vocab, other=0.0).to(acc_dtype)
     tl.store(lse_ptr + row, lse)
-    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+    # An out-of-range label (not checked on device tensors: that would sync) gives a NaN loss.
+    tl.store(loss_ptr + row, tl.where(valid, tl.where(in_vocab, lse - target, float("nan")), 0.0))
 
 
 @triton.jit
@@ -182,12 +184,13 @@ def cross_entropy_rows_torch_(
     the softmax (``exp(x − max) / Σ``), in the loss dtype (a chunk-sized fp32 copy of bf16 logits)."""
     acc = logits.to(lse.dtype)  # the buffer itself for fp32 logits: it is scratch, overwritten here
     valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, 0).long().unsqueeze(1)
+    safe_labels = _safe_labels(labels, valid, logits.shape[1])
     target = acc.gather(1, safe_labels).squeeze(1)
     row_max = acc.amax(1, keepdim=True)
     exp_sum = acc.sub_(row_max).exp_().sum(1, keepdim=True)  # acc = exp(x − max)
     lse.copy_((row_max + exp_sum.log()).squeeze(1))
-    loss.copy_(torch.where(valid, lse - target, 0.0))
+    in_vocab = (labels >= 0) & (labels < logits.shape[1])
+    loss.copy_(torch.where(valid, torch.where(in_vocab, lse - target, float("nan")), 0.0))
     if not want_dlogits:
         return logits
     row_scale = valid.to(acc.dtype).unsqueeze(1)
@@ -207,8 +210,15 @@ def cross_entropy_dlogits_torch_(
     scale = valid.to(lse.dtype) if row_scale is None else torch.where(valid, row_scale.to(lse.dtype), 0.0)
     acc = logits.to(lse.dtype)
     acc.sub_(lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
-    acc.scatter_add_(1, torch.where(valid, labels, 0).long().unsqueeze(1), -scale.unsqueeze(1))
+    acc.scatter_add_(1, _safe_labels(labels, valid, logits.shape[1]), -scale.unsqueeze(1))
     return logits if acc is logits else logits.copy_(acc)
+
+
+def _safe_labels(labels: torch.Tensor, valid: torch.Tensor, n_vocab: int) -> torch.Tensor:
+    """(rows, 1) int64 labels that index a logits row: ignored and out-of-range labels read column 0
+    (their loss is 0 or NaN; checking the range on a device tensor would sync the host)."""
+    usable = valid & (labels >= 0) & (labels < n_vocab)
+    return torch.where(usable, labels, 0).long().unsqueeze(1)
 
 
 def cross_entropy_rows_(
@@ -366,7 +376,10 @@ def _check_inputs(hidden, weight, labels, bias, ignore_index, chunk_size) -> Non
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    # One device sync: an out-of-range label would otherwise read past the logits row.
+    # Checked where it costs nothing (CPU tensors): on a device it would sync the host on every
+    # call, so there an out-of-range label gives a NaN loss instead (never a silent wrong value).
+    if labels.device.type != "cpu":
+        return
     out_of_range = ((labels < 0) | (labels >= weight.shape[0])) & (labels != ignore_index)
     if bool(out_of_range.any()):
         bad = labels[out_of_range][0].item()
@@ -410,7 +423,8 @@ def fused_linear_cross_entropy(
     Args:
         hidden: [rows, d] floating point (bf16/fp16/fp32 on GPU; fp32/float64 on CPU).
         weight: [vocab, d], same dtype and device as ``hidden``.
-        labels: [rows] int64/int32, each in [0, vocab) or equal to ``ignore_index``.
+        labels: [rows] int64/int32, each in [0, vocab) or equal to ``ignore_index`` (a ValueError
+            for CPU tensors; on a GPU, checking would sync the host: such a row's loss is NaN).
         bias: optional [vocab], same dtype as ``hidden``.
         ignore_index: label value whose row gets loss 0 and zero gradient.
         chunk_size: rows per chunk; None picks one so that a chunk's logits take about 512 MiB

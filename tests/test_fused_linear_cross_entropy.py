@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from perk_kernels.fused_linear_cross_entropy import (
+    cross_entropy_rows_,
+    cross_entropy_rows_torch_,
     default_chunk_size,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
@@ -245,3 +247,16 @@ def test_gpu_peak_memory_is_bounded_by_the_chunk():
     chunk_logits = chunk * vocab * hidden.element_size()
     # Allowance beyond one chunk of logits: dhidden twice, fp32 scaling temporaries, per-row vectors.
     assert extra <= chunk_logits + 4 * hidden.numel() * 4 + 64 * rows
+
+
+@pytest.mark.parametrize("row_ops", [cross_entropy_rows_, cross_entropy_rows_torch_], ids=["triton", "torch"])
+def test_out_of_range_labels_give_nan_losses_in_the_row_ops(row_ops):
+    # On a device the range check would sync the host on every call: the row operations make
+    # such a row's loss NaN instead (never a silent wrong value), and leave the others exact.
+    logits = torch.randn(5, 50)
+    labels = torch.tensor([3, 50, IGNORE, -1, 49])
+    lse, loss = torch.empty(5), torch.empty(5)
+    row_ops(logits.clone(), labels, IGNORE, lse, loss, True)
+    assert loss[1].isnan() and loss[3].isnan() and loss[2] == 0
+    expected = torch.nn.functional.cross_entropy(logits[[0, 4]], labels[[0, 4]], reduction="none")
+    torch.testing.assert_close(loss[[0, 4]], expected)
