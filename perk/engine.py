@@ -113,8 +113,6 @@ class PerkModel:
         self.layout = AdapterLayout(inject_lora(model, config.target_modules, self.context), config.rank)
         self.device = model.get_output_embeddings().weight.device
         self.dtype = config.torch_dtype
-        self.group_index = self.layout.group_index(self.device)
-        self.group_sizes = self.layout.group_sizes(self.device)
         generator = torch.Generator().manual_seed(config.seed)
         self.adapter_init = self._initial_adapter(generator).to(self.device).requires_grad_()
         self.inner_lr_log = torch.zeros(
@@ -404,11 +402,10 @@ class PerkModel:
             # in the flat buffer. With one (exact mode): the same update as differentiable ops on
             # the flat buffer (α expanded from groups to elements), which autograd goes through.
             if differentiable:
-                phi = phi - step_lr[:, self.group_index].to(phi.dtype) * direction
+                phi = phi - self.layout.expand(step_lr).to(phi.dtype) * direction
             else:
                 perk_kernels.lora_inner_step(
-                    self.layout.tensor_views(phi), self.layout.tensor_views(direction), step_lr,
-                    inplace=True, backend=self.context.backend,
+                    phi, direction, step_lr, self.layout.offsets, inplace=True, backend=self.context.backend
                 )
         stats = PerkStats(losses, None, segments.n_tokens, config.inner_steps, skipped)
         return phi, records, stats
@@ -444,7 +441,7 @@ class PerkModel:
             return result.grad, result.token_losses
 
         meta = walk_back(
-            records, outer.grad, gradient_at, group_index=self.group_index, group_sizes=self.group_sizes,
+            records, outer.grad, gradient_at, group_offsets=self.layout.offsets,
             weight_decay=config.inner_weight_decay, compute_dtype=self.model.dtype, fd_epsilon=config.fd_epsilon,
             token_weight_scale=None if weights is None else segments.loss_weights.to(self.dtype),
             row_adapters=segments.row_adapters, backend=self.context.backend,
