@@ -1,4 +1,4 @@
-"""LoRA kernels: batched multi-adapter ``lora_linear`` and the multi-tensor ``lora_inner_step``.
+"""LoRA kernels: batched multi-adapter ``lora_linear`` and the flat-buffer ``lora_inner_step``.
 
 ``lora_linear`` (forward, and forward + backward w.r.t. x, A, B) at Qwen2.5-0.5B's MLP shapes
 (up: 896 → 4864, down: 4864 → 896), r ∈ {16, 256}, n_adapters ∈ {1, 8}, rows ∈ {8192, 65536},
@@ -10,8 +10,8 @@ bf16 activations and fp32 adapters. Providers:
 * ``base``       the frozen linear alone (forward; forward + dx): the floor the targets compare to.
 
 ``lora_inner_step``: one step over all LoRA tensors of Qwen2.5-0.5B at r=256 (24 layers × 7
-targets × A, B = 336 tensors, 140M fp32 parameters), in place and out of place; ``copy`` is a
-device copy of the same bytes, the bandwidth ceiling.
+targets × A, B = 336 groups of one flat buffer, 140M fp32 parameters), in place and out of place;
+``copy`` is a device copy of the same bytes, the bandwidth ceiling.
 
 ``extra_info``: device, size, TFLOP/s (useful flops), GB/s (minimal bytes moved), peak memory
 allocated beyond the inputs (GPU), and ``oom`` (recorded as a value; the timing is then a no-op
@@ -128,36 +128,41 @@ def test_lora_linear(benchmark, mode, provider, layer, rank, n_adapters, rows):
 # ----------------------------------------------------------------------------------------------
 
 
-def _adapter_tensors(rank: int, n_adapters: int = 1) -> list[torch.Tensor]:
-    """A and B of every attention and MLP projection of Qwen2.5-0.5B (GQA: k, v project to 128)."""
+def _adapter_buffer(rank: int, n_adapters: int = 1) -> tuple[torch.Tensor, list[int]]:
+    """The flat (n_adapters, P) buffer of A and B of every attention and MLP projection of
+    Qwen2.5-0.5B (GQA: k, v project to 128), and its group offsets (the engine's layout)."""
     d_kv = 128 if SIZE == "full" else 8
     projections = [(D_MODEL, D_MODEL), (D_MODEL, d_kv), (D_MODEL, d_kv), (D_MODEL, D_MODEL)]
     projections += [(D_MODEL, D_FF), (D_MODEL, D_FF), (D_FF, D_MODEL)]
-    shapes = [s for d_in, d_out in projections for s in ((rank, d_in), (d_out, rank))] * N_LAYERS
-    return [torch.randn(n_adapters, *s, device=DEVICE) * 0.01 for s in shapes]
+    sizes = [s for d_in, d_out in projections for s in (rank * d_in, d_out * rank)] * N_LAYERS
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return torch.randn(n_adapters, offsets[-1], device=DEVICE) * 0.01, offsets
 
 
 @pytest.mark.parametrize("provider", ["triton_inplace", "triton", "reference", "copy"])
 def test_lora_inner_step(benchmark, provider):
     _skip_without_kernels(provider.split("_")[0])
-    params = _adapter_tensors(STEP_RANK)
-    grads = [torch.randn_like(p) for p in params]
-    lr = torch.full((len(params),), 1e-3, device=DEVICE)
-    n_params = sum(p.numel() for p in params)
-    benchmark.group = f"lora_inner_step {len(params)} tensors {n_params / 1e6:.1f}M fp32 params"
-    flat = torch.cat([p.reshape(-1) for p in params])
-    flat_out = torch.empty_like(flat)
+    params, offsets = _adapter_buffer(STEP_RANK)
+    grads = torch.randn_like(params)
+    n_groups = len(offsets) - 1
+    lr = torch.full((n_groups,), 1e-3, device=DEVICE)
+    n_params = params.numel()
+    benchmark.group = f"lora_inner_step {n_groups} groups {n_params / 1e6:.1f}M fp32 params"
+    flat_out = torch.empty_like(params)
 
     def run():
         if provider == "copy":
-            flat_out.copy_(flat)
+            flat_out.copy_(params)
         elif provider == "triton_inplace":
-            lora_inner_step(params, grads, lr, max_grad_norm=1.0, inplace=True, backend="triton")
+            lora_inner_step(params, grads, lr, offsets, max_grad_norm=1.0, inplace=True, backend="triton")
         else:
-            lora_inner_step(params, grads, lr, max_grad_norm=1.0, backend="triton" if provider == "triton" else "torch")
+            backend = "triton" if provider == "triton" else "torch"
+            lora_inner_step(params, grads, lr, offsets, max_grad_norm=1.0, backend=backend)
         synchronize()
 
     # Step: read p and g (g twice when clipping: the norm pass), write p'. Copy: read + write.
     n_bytes = 4 * n_params * (2 if provider == "copy" else 4)
-    benchmark.extra_info.update(n_tensors=len(params), n_params=n_params)
+    benchmark.extra_info.update(n_groups=n_groups, n_params=n_params)
     _measure(benchmark, run, flops=(0 if provider == "copy" else 5 * n_params), n_bytes=n_bytes)

@@ -176,7 +176,6 @@ def inner_loop(
     # Per-step results stay on the device until the loop ends: one host sync per call, not per step.
     losses = torch.zeros(config.inner_steps, n_adapters, dtype=adapted.dtype, device=adapted.device)
     nonfinite = torch.zeros(config.inner_steps, n_adapters, dtype=torch.bool, device=adapted.device)
-    group_index = adapted.layout.group_index(adapted.device) if differentiable else None
     for n in range(config.inner_steps):
         unrolled = differentiable and n >= config.inner_steps - config.unroll_steps
         result = adapted.loss_and_grad(
@@ -199,11 +198,10 @@ def inner_loop(
         # in the flat buffer. With one (exact mode): the same update as differentiable ops on
         # the flat buffer (α expanded from groups to elements), which autograd goes through.
         if differentiable:
-            phi = phi - step_lr[:, group_index].to(phi.dtype) * direction
+            phi = phi - adapted.layout.expand(step_lr).to(phi.dtype) * direction
         else:
             perk_kernels.lora_inner_step(
-                adapted.layout.tensor_views(phi), adapted.layout.tensor_views(direction), step_lr,
-                inplace=True, backend=adapted.backend,
+                phi, direction, step_lr, adapted.layout.offsets, inplace=True, backend=adapted.backend
             )
     skipped = _report_nonfinite(config, nonfinite.cpu())
     stats = PerkStats(losses.cpu(), None, segments.n_tokens, config.inner_steps, skipped)

@@ -66,13 +66,9 @@ class AdapterLayout:
     def names(self) -> list[str]:
         return [spec.name for spec in self.modules]
 
-    def group_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(P,) int64: the tensor group of every flat element (expands per-group tables)."""
-        sizes = torch.tensor(self.sizes, device=device)
-        return torch.repeat_interleave(torch.arange(self.n_groups, device=device), sizes)
-
-    def group_sizes(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor(self.sizes, dtype=torch.int64, device=device)
+    def expand(self, table: torch.Tensor) -> torch.Tensor:
+        """(n, G) per-group values (e.g. learning rates) → (n, P) per flat element (differentiable)."""
+        return perk_kernels.expand_group_table(table, self.offsets)
 
     def tensor_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views ``[A_0, B_0, A_1, B_1, …]`` of ``flat`` (n_adapters, P), each (n_adapters, rows, cols)."""

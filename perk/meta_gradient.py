@@ -112,8 +112,7 @@ def walk_back(
     outer_grad: torch.Tensor,
     gradient_at: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     *,
-    group_index: torch.Tensor,
-    group_sizes: torch.Tensor,
+    group_offsets: list[int],
     weight_decay: float,
     compute_dtype: torch.dtype,
     fd_epsilon: float | None = None,
@@ -127,7 +126,7 @@ def walk_back(
         records: one per inner step, in order; steps with ``phi`` set are unrolled.
         outer_grad: (n_adapters, P) v_N = ∇_φ L_out(φ_N); not modified.
         gradient_at: ``φ ↦ (∇_φ L_in(φ), per-token losses or None)``, one first-order pass.
-        group_index: (P,) tensor group of each element; group_sizes: (G,) elements per group.
+        group_offsets: G+1 column offsets of the tensor groups (``AdapterLayout.offsets``).
         weight_decay: λ of the update rule.
         compute_dtype: dtype of the forward passes (the base model's), for the automatic ε.
         fd_epsilon: ε of the central difference (along unit vectors, per adapter); None picks
@@ -139,17 +138,11 @@ def walk_back(
     """
     v = outer_grad.clone()
     n_steps = len(records)
-    lr_grad = torch.zeros(n_steps, v.shape[0], group_sizes.numel(), dtype=v.dtype, device=v.device)
+    lr_grad = torch.zeros(n_steps, v.shape[0], len(group_offsets) - 1, dtype=v.dtype, device=v.device)
     token_grad = None if token_weight_scale is None else torch.zeros_like(token_weight_scale)
-    split_sizes = group_sizes.tolist()
-
-    def by_group(flat: torch.Tensor) -> list[torch.Tensor]:
-        return list(flat.split(split_sizes, dim=1))  # (n_adapters, size_k) views of the flat buffer
-
-    v_groups = by_group(v)  # updated in place through these views
     for n in reversed(range(n_steps)):
         record = records[n]
-        scaled = record.lr[:, group_index].to(v.dtype) * v  # α_n ⊙ v_{n+1}
+        scaled = perk_kernels.expand_group_table(record.lr, group_offsets).to(v.dtype) * v  # α_n ⊙ v_{n+1}
         # One fused op per step: ∂α_n = −⟨d_n, v_{n+1}⟩ per group (with v before its update),
         # then v ← v − ‖u‖/2ε · (g⁺ − g⁻) for unrolled steps.
         if record.phi is not None:
@@ -161,15 +154,14 @@ def walk_back(
             grad_minus, losses_minus = gradient_at(record.phi - step * unit)
             coef = norm / (2 * step)  # (n_adapters, 1)
             perk_kernels.meta_grad_accumulate(
-                v_groups, by_group(record.direction), by_group(grad_plus), by_group(grad_minus), coef.view(-1),
-                lr_grad[n], backend=backend,
+                v, record.direction, grad_plus, grad_minus, coef.view(-1), lr_grad[n], group_offsets, backend=backend
             )
             if token_grad is not None:
                 token_coef = coef.squeeze(1)[row_adapters].unsqueeze(1).to(token_grad.dtype)
                 token_grad.sub_(token_weight_scale * token_coef * (losses_plus - losses_minus))
         else:
             perk_kernels.meta_grad_accumulate(
-                v_groups, by_group(record.direction), None, None, None, lr_grad[n], backend=backend
+                v, record.direction, None, None, None, lr_grad[n], group_offsets, backend=backend
             )
         if weight_decay:
             v.sub_(weight_decay * scaled)
@@ -220,10 +212,8 @@ def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
         finite.logical_and_(result.grad.isfinite().all() & result.losses.isfinite().all())
         return result.grad, result.token_losses
 
-    layout = adapted.layout
     grads = walk_back(
-        records, outer.grad, gradient_at, group_index=layout.group_index(adapted.device),
-        group_sizes=layout.group_sizes(adapted.device), weight_decay=config.inner_weight_decay,
+        records, outer.grad, gradient_at, group_offsets=adapted.layout.offsets, weight_decay=config.inner_weight_decay,
         compute_dtype=adapted.model.dtype, fd_epsilon=config.fd_epsilon,
         token_weight_scale=None if token_weights is None else segments.loss_weights.to(adapted.dtype),
         row_adapters=segments.row_adapters, backend=adapted.backend,

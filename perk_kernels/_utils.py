@@ -6,15 +6,22 @@ Backends, chosen per call:
   ``TRITON_INTERPRET=1`` (Triton's interpreter; that is how CI runs the real kernel code).
 * ``"torch"`` — the plain-torch reference of the same function: the test oracle and the CPU
   default.
+* ``"cuda"`` — a compiled extension (``perk_kernels._C``), for the ops that have one
+  (``meta_grad_accumulate``): the automatic choice on CUDA tensors when it is importable.
 
-The ``backend=`` argument of an op wins over the ``PERK_KERNELS_BACKEND`` environment variable,
-which wins over the automatic choice.
+One rule for every op: the ``backend=`` argument wins over the ``PERK_KERNELS_BACKEND``
+environment variable, which wins over the automatic choice (``"cuda"`` where the op has an
+available extension and the tensors are on CUDA, else ``"triton"`` where Triton can run, else
+``"torch"``). Naming ``"cuda"`` for an op without an extension is a ValueError.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,15 +42,32 @@ def triton_available() -> bool:
     return True
 
 
-def choose_backend(backend: str | None, device: torch.device) -> str:
-    """Resolve the backend for one call on tensors living on ``device``."""
+def choose_backend(
+    backend: str | None, device: torch.device, *, extension: Callable[[], bool] | None = None
+) -> str:
+    """Resolve the backend for one call on tensors living on ``device``.
+
+    ``extension``: for ops with a compiled extension, a probe telling whether it is usable
+    (consulted only for CUDA tensors); None for ops without one.
+    """
+    backends = BACKENDS + (("cuda",) if extension is not None else ())
     if backend is None:
         backend = os.environ.get(BACKEND_ENV) or None
     if backend is None:
+        if device.type == "cuda" and extension is not None and extension():
+            return "cuda"
         use_triton = triton_available() and (device.type == "cuda" or interpret_mode())
         return "triton" if use_triton else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not extension():
+            raise RuntimeError(
+                "backend='cuda' needs the perk_kernels._C extension (build with PERK_BUILD_CUDA=1; "
+                "PERK_NO_CUDA_EXT=1 disables it)"
+            )
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the `triton` package")
@@ -122,19 +146,93 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def slices_contiguous(t: torch.Tensor) -> bool:
-    """Whether every adapter slice ``t[a]`` is contiguous (the adapter stride ``t.stride(0)`` is
-    free): true of views ``flat[:, start:end].unflatten(1, shape)`` into a flat adapter buffer."""
-    if 0 in t.shape[1:]:
-        return True  # nothing to address
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
+# --- flat adapter buffers split into tensor groups (lora_inner_step, meta_grad_accumulate) --------
 
 
-def with_contiguous_slices(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself where the kernels can address it (views of a flat buffer included), else a copy."""
-    return t if slices_contiguous(t) else t.contiguous()
+def check_group_offsets(group_offsets: object, n_params: int) -> tuple[int, ...]:
+    """``group_offsets`` as a tuple of G+1 ints from 0 to ``n_params``, non-decreasing, else an error.
+
+    Host ints only: a tensor of offsets would need a device sync to read, so it is refused.
+    """
+    if isinstance(group_offsets, (torch.Tensor, str, bytes)) or not isinstance(group_offsets, Sequence):
+        raise TypeError(f"group_offsets must be a sequence of Python ints, got {type(group_offsets).__name__}")
+    if any(isinstance(o, bool) or not isinstance(o, numbers.Integral) for o in group_offsets):
+        raise TypeError(f"group_offsets must hold ints, got {list(group_offsets)!r}")
+    offsets = tuple(int(o) for o in group_offsets)
+    if len(offsets) < 2:
+        raise ValueError(f"group_offsets must hold G+1 >= 2 ints (0 first, P last), got {list(offsets)}")
+    if offsets[0] != 0 or offsets[-1] != n_params:
+        raise ValueError(
+            f"group_offsets must start at 0 and end at P={n_params} (the buffers' width), got "
+            f"{offsets[0]} ... {offsets[-1]}"
+        )
+    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"group_offsets must be non-decreasing, got {list(offsets)}")
+    return offsets
+
+
+def chunk_sizes() -> tuple[int, int]:
+    """(BLOCK, CHUNK): elements per vector op and per program of the flat-buffer kernels."""
+    if interpret_mode():
+        return 64, 128  # tiny, so CPU tests cover several chunks per group and blocks per chunk
+    return 1024, 16384
+
+
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on ``device``; pinned + non_blocking on CUDA, so no host/device sync."""
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def group_chunks(offsets: tuple[int, ...], chunk: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The launch table of a flat (n_adapters, P) buffer split into groups at ``offsets``.
+
+    Returns ``(table, slots)``: ``table`` (n_chunks, 4) int64 on ``device``, one row
+    ``[group, start, end, slot]`` per chunk of at most ``chunk`` columns; chunks never cross a
+    group border. ``slots`` is the most chunks of any group: chunk c of group k writes its partial
+    sums to slot ``k·slots + c`` of its adapter's row of ``G·slots`` partials (the rest stay zero),
+    so per-(adapter, group) sums are a fixed-order sum over fixed slots: deterministic, no atomics.
+    Cached per (offsets, chunk, device): built and copied once per layout.
+    """
+    sizes = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
+    slots = max(1, max(-(-n // chunk) for n in sizes))
+    rows = [
+        (k, start + c, min(start + c + chunk, end), k * slots + c // chunk)
+        for k, (start, end) in enumerate(zip(offsets[:-1], offsets[1:]))
+        for c in range(0, end - start, chunk)
+    ]
+    return to_device(torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), device), slots
+
+
+def flat_alignment(tensors: list[torch.Tensor], offsets: tuple[int, ...], chunk: int) -> int:
+    """Elements per 16 bytes when the kernels may assume 16-byte aligned vectors, else 1.
+
+    Holds when every (contiguous, (n_adapters, P)) buffer starts 16-byte aligned and every row
+    start (a multiple of P), group border and chunk border is a whole number of vectors.
+    """
+    vector = 16 // tensors[0].element_size()
+    ok = (
+        all(t.data_ptr() % 16 == 0 for t in tensors)
+        and all(o % vector == 0 for o in offsets)
+        and chunk % vector == 0
+    )
+    return vector if ok else 1
+
+
+def memory_overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the address ranges spanned by ``a`` and ``b`` intersect (conservative for strided views)."""
+
+    def span(t: torch.Tensor) -> tuple[int, int] | None:
+        if t.numel() == 0:
+            return None
+        low = sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+        high = sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+        size = t.element_size()
+        return t.data_ptr() + low * size, t.data_ptr() + (high + 1) * size
+
+    span_a, span_b = span(a), span(b)
+    if span_a is None or span_b is None or a.device != b.device:
+        return False
+    return span_a[0] < span_b[1] and span_b[0] < span_a[1]

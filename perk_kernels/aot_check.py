@@ -58,7 +58,7 @@ KERNEL_MODULES = (
     "perk_kernels.lora_linear",
     "perk_kernels.lora_inner_step",
     "perk_kernels.fused_linear_cross_entropy",
-    "perk_kernels.meta_grad",
+    "perk_kernels.meta_grad_accumulate",
 )
 RANKS = (16, 64, 256)
 SMS = 132  # H100 / H200: sizes the launchers' row splits as on the real device
@@ -197,7 +197,7 @@ def _recording(sink: list[Launch], use: list) -> Iterator[None]:
         for name in KERNEL_MODULES:
             for kernel in _kernel_names(importlib.import_module(name)):
                 stack.enter_context(_patched(name, kernel, _Recorder(name, kernel, sink, use)))
-            stack.enter_context(_patched(name, "choose_backend", lambda backend, device: "triton"))
+            stack.enter_context(_patched(name, "choose_backend", lambda backend, device, **kwargs: "triton"))
             stack.enter_context(_patched(name, "target_programs", lambda device: 2 * SMS))
         yield
 
@@ -210,12 +210,6 @@ def _tf32(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def _adapter_views(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """Views (n_adapters, *shape) of one flat (n_adapters, P) buffer, as the engine's layout makes."""
-    sizes = [s[0] * s[1] for s in shapes]
-    return [v.unflatten(1, s) for v, s in zip(flat.split(sizes, dim=1), shapes)]
 
 
 def _drive_lora_linear(model: ModelShape, rank: int, dtype: torch.dtype, use: list) -> None:
@@ -240,32 +234,30 @@ def _drive_lora_linear(model: ModelShape, rank: int, dtype: torch.dtype, use: li
 
 
 def _drive_adapter_ops(model: ModelShape, rank: int, use: list) -> None:
-    """The inner step and the meta-gradient walk on one layer's adapters (fp32, views of a flat buffer)."""
+    """The inner step and the meta-gradient walk on one layer's adapters: fp32 flat (n_adapters, P)
+    buffers split into the engine's groups (A then B of every projection)."""
     from perk_kernels import lora_inner_step, meta_grad_accumulate
 
-    shapes = [s for _, d_in, d_out, _ in model.projections() for s in ((rank, d_in), (d_out, rank))]
+    sizes = [s for _, d_in, d_out, _ in model.projections() for s in (rank * d_in, d_out * rank)]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
     n_adapters = 8
-    size = sum(a * b for a, b in shapes)
-    phi, direction, g_plus, g_minus = (torch.empty(n_adapters, size) for _ in range(4))
-    lr = torch.full((len(shapes),), 0.1)
+    phi, direction, g_plus, g_minus = (torch.empty(n_adapters, offsets[-1]) for _ in range(4))
+    lr = torch.full((len(sizes),), 0.1)
     use[0] = "lora_inner_step"
     for max_grad_norm in (None, 1.0):
-        lora_inner_step(
-            _adapter_views(phi, shapes), _adapter_views(direction, shapes), lr,
-            max_grad_norm=max_grad_norm, inplace=True,
-        )  # fmt: skip
+        lora_inner_step(phi, direction, lr, offsets, max_grad_norm=max_grad_norm, inplace=True)
     # Out of place and differentiated (unrolled steps of an op user; the engine's are in place).
-    params = [v.detach().requires_grad_() for v in _adapter_views(phi, shapes)]
+    params = phi.detach().requires_grad_()
     lr_param = lr.clone().requires_grad_()
     for max_grad_norm in (None, 1.0):
-        out = lora_inner_step(params, _adapter_views(direction, shapes), lr_param, max_grad_norm=max_grad_norm)
-        torch.autograd.backward(out, [torch.empty_like(o) for o in out])
+        out = lora_inner_step(params, direction, lr_param, offsets, max_grad_norm=max_grad_norm)
+        out.backward(torch.empty_like(out))
     use[0] = "meta_grad_accumulate"
-    lr_grad = torch.zeros(n_adapters, len(shapes))
-    sizes = [a * b for a, b in shapes]  # one group per tensor: (n_adapters, size) views
-    views = [list(t.split(sizes, dim=1)) for t in (phi, direction, g_plus, g_minus)]
-    meta_grad_accumulate(views[0], views[1], views[2], views[3], torch.ones(n_adapters), lr_grad, backend="triton")
-    meta_grad_accumulate(views[0], views[1], None, None, None, lr_grad, backend="triton")
+    lr_grad = torch.zeros(n_adapters, len(sizes))
+    meta_grad_accumulate(phi, direction, g_plus, g_minus, torch.ones(n_adapters), lr_grad, offsets, backend="triton")
+    meta_grad_accumulate(phi, direction, None, None, None, lr_grad, offsets, backend="triton")
 
 
 def _drive_cross_entropy(model: ModelShape, dtype: torch.dtype, use: list) -> None:

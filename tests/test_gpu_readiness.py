@@ -79,16 +79,6 @@ def test_table_and_summary_format():
     assert "256" in aot_check.summary_by_rank(rows)
 
 
-@pytest.mark.interpreter
-def test_meta_grad_triton_rejects_more_adapters_than_the_grid_holds():
-    from perk_kernels import meta_grad_accumulate
-
-    n = 65536
-    v, g = torch.zeros(n, 1), torch.zeros(n, 1)
-    with pytest.raises(ValueError, match="at most 65535 adapters"):
-        meta_grad_accumulate([v], [g], None, None, None, torch.zeros(n, 1), backend="triton")
-
-
 def test_cuda_build_requested_without_cuda_torch_fails_with_the_reason():
     if torch.version.cuda is not None:
         pytest.skip("torch has CUDA here")
