@@ -12,7 +12,11 @@
 import copy
 import dataclasses
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +197,12 @@ def test_check_meta_grad_fails_for_a_bad_step(tiny_gpt2_dir, capsys):
     out = capsys.readouterr().out
     assert code == 1 and "BELOW --min_cosine 0.95" in out
     assert "| fd | 30 |" in out and "| fd | auto |" in out
+
+
+def test_check_meta_grad_entry_point_refuses_a_hyphenated_flag():
+    """``python -m perk.check_meta_grad``: exit status 2 and one line naming the right spelling."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "perk.check_meta_grad", "--min-cosine", "0.9"], capture_output=True,
+                            text=True, timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2
+    assert result.stderr == "perk.check_meta_grad: error: unknown flag --min-cosine: did you mean --min_cosine?\n"
