@@ -13,7 +13,7 @@ of the adapter init θ and of the inner learning rates for
 * ``fd`` with the automatic step (and with ``perk.fd_epsilon`` when the config sets one);
 * ``first_order``: what ignoring the Hessian costs.
 
-It exits 1 when the run's own mode (``perk.meta_grad``) has a cosine below ``--min-cosine`` for θ.
+It exits 1 when the run's own mode (``perk.meta_grad``) has a cosine below ``--min_cosine`` for θ.
 """
 
 from __future__ import annotations
@@ -24,11 +24,18 @@ import time
 
 import torch
 
-from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, run_main
+from perk.cli import (
+    ArgumentParser,
+    UsageError,
+    add_config_arguments,
+    build_config,
+    positive_int,
+    run_main,
+)
 from perk.engine import PerkModel
 from perk.models import load_base_model, resolve_base_dtype
+from perk.runs import TrainConfig, resolve_device
 from perk.tasks import generate
-from perk.train import TrainConfig, resolve_device
 
 PARAMETERS = ("adapter_init", "inner_lr_log")
 
@@ -46,18 +53,18 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     parser = ArgumentParser(prog="python -m perk.check_meta_grad", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", metavar="FILE.yaml", help="a perk.train config (e.g. a run's config.yaml)")
-    parser.add_argument("--min-cosine", type=float, default=0.95,
+    parser.add_argument("--min_cosine", type=float, default=0.95,
                         help="fail below this cosine of the run's mode to the reference (default: 0.95)")
-    parser.add_argument("--context-tokens", type=int, default=None,
+    parser.add_argument("--context_tokens", type=int, default=None,
                         help="context length of the check problem (default: 2 segments, at least 256 tokens)")
-    parser.add_argument("--problems", type=int, default=1, help="problems in the check's meta-batch (default: 1)")
+    parser.add_argument("--problems", type=positive_int, default=1, help="problems in the check's meta-batch (default: 1)")
     add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     config = build_config(TrainConfig, args)
     if not 0.0 < args.min_cosine <= 1.0:
-        raise UsageError(f"--min-cosine must be in (0, 1], got {args.min_cosine}")
-    if args.problems < 1 or (args.context_tokens is not None and args.context_tokens < 8):
-        raise UsageError("--problems must be >= 1 and --context-tokens >= 8")
+        raise UsageError(f"--min_cosine must be in (0, 1], got {args.min_cosine}")
+    if args.context_tokens is not None and args.context_tokens < 8:
+        raise UsageError(f"--context_tokens must be >= 8, got {args.context_tokens}")
     return args, config
 
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     judged = results[mode, config.perk.fd_epsilon if mode == "fd" else None]["adapter_init"][0]
     ok = judged >= args.min_cosine
     print(f"\nthe run's mode ({mode}): cosine {judged:.4f} to the reference, "
-          f"{'at or above' if ok else 'BELOW'} --min-cosine {args.min_cosine}")
+          f"{'at or above' if ok else 'BELOW'} --min_cosine {args.min_cosine}")
     return 0 if ok else 1
 
 

@@ -21,25 +21,51 @@ from typing import Any
 
 import yaml
 
+from perk.fields import field  # noqa: F401  (re-exported: configs declare their fields with it)
+
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, no traceback."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with bad arguments reported as one line by :func:`run_main` (no usage dump)."""
+    """argparse, with bad arguments reported as one line by :func:`run_main` (no usage dump).
+
+    Every perk flag is spelled like its config key, with underscores (``--max_new_tokens``, as
+    in the YAML files); a flag spelled with hyphens where the underscore spelling exists is
+    refused with the right spelling, before anything else is parsed."""
 
     def error(self, message: str):
         raise UsageError(f"{message} (see --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        for arg in argv:
+            if arg == "--":
+                break
+            self._check_spelling(arg)
+        return super().parse_known_args(argv, namespace)
 
-def field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help text for ``--help``."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    def _check_spelling(self, arg: str) -> None:
+        if not arg.startswith("--") or "-" not in arg[2:]:
+            return
+        flag = arg.split("=", 1)[0]
+        if flag in self._option_string_actions:
+            return
+        underscored = "--" + flag[2:].replace("-", "_")
+        if underscored in self._option_string_actions:
+            raise UsageError(f"unknown flag {flag}: did you mean {underscored}?")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _walk(cls: type, prefix: str = ""):

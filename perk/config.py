@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perk.cli import field as option
+from perk.fields import field as option
 
 # Default LoRA targets: every attention and MLP projection of the Llama family (Llama, Qwen2,
 # Mistral, SmolLM) and of GPT-2 (whose fused qkv `c_attn` and both `c_proj` are Conv1D layers).

@@ -23,17 +23,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from perk.cli import ArgumentParser, run_main
+from perk.cli import ArgumentParser, positive_int, run_main
 from perk.models import load_tokenizer
-from perk.tasks import TASKS, iter_problems, parse_depth, parse_length, read_problems, write_jsonl
+from perk.tasks import (
+    TASKS,
+    iter_problems,
+    parse_depth,
+    parse_length,
+    read_problems,
+    write_jsonl,
+)
 from perk.tasks.embed import DEFAULT_DOC_TOKENS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _argument(parse):
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate a JSONL dataset")
     generate.add_argument("--task", required=True, choices=TASKS, metavar="TASK", help=f"one of {', '.join(TASKS)}")
     generate.add_argument("--length", required=True, type=_argument(parse_length), help="context length in tokens: 512, 8k, 128k, 1m")
-    generate.add_argument("--n", required=True, type=_positive_int, help="number of problems")
+    generate.add_argument("--n", required=True, type=positive_int, help="number of problems")
     generate.add_argument("--out", required=True, type=Path, help="output JSONL file (written atomically)")
     generate.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     generate.add_argument(
@@ -67,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--depth", type=_argument(parse_depth), default=None,
         help="put the first supporting fact at this depth, in percent of the context (0-100; default: random)",
     )
-    generate.add_argument("--no-order-markers", action="store_true", help="no per-actor event counters (babilong)")
-    generate.add_argument("--no-doc-index", action="store_true", help='no "doc_<i>:" document prefixes')
+    generate.add_argument("--no_order_markers", action="store_true", help="no per-actor event counters (babilong)")
+    generate.add_argument("--no_doc_index", action="store_true", help='no "doc_<i>:" document prefixes')
     generate.add_argument("--corpus", type=Path, default=None, help="plain-text haystack corpus (babilong)")
     generate.add_argument(
-        "--doc-tokens", type=_positive_int, default=DEFAULT_DOC_TOKENS,
+        "--doc_tokens", type=positive_int, default=DEFAULT_DOC_TOKENS,
         help=f"most tokens per babilong document (default {DEFAULT_DOC_TOKENS})",
     )
 

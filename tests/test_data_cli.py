@@ -23,7 +23,7 @@ def tokenizer_dir(tmp_path_factory):
 def test_generate_then_stats(tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "qa2.jsonl"
     argv = ["generate", "--task", "babilong/qa2", "--length", "2k", "--n", "7", "--seed", "3", "--out", str(out),
-            "--tokenizer", tokenizer_dir, "--depth", "50", "--no-order-markers", "--doc-tokens", "64"]
+            "--tokenizer", tokenizer_dir, "--depth", "50", "--no_order_markers", "--doc_tokens", "64"]
     assert main(argv) == 0
     records = read_jsonl(out)
     assert len(records) == 7
@@ -50,6 +50,8 @@ def test_generate_then_stats(tmp_path, tokenizer_dir, capsys):
         (["generate", "--task", "babilong/qa1", "--length", "1k", "--n", "2", "--out", "{tmp}/x.jsonl",
           "--tokenizer", "{tmp}/missing"], 1, "missing"),
         (["stats", "{tmp}/missing.jsonl"], 1, "does not exist"),
+        (["generate", "--task", "babilong/qa1", "--length", "1k", "--n", "2", "--out", "x.jsonl", "--doc-tokens", "64"],
+         2, "unknown flag --doc-tokens: did you mean --doc_tokens?"),
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_status(tmp_path, tokenizer_dir, capsys, argv, status, message):

@@ -1,4 +1,7 @@
-"""python -m perk.eval and perk.encode on a tiny trained run: outputs, and one-line errors."""
+"""python -m perk.eval and perk.encode on a tiny trained run: outputs, and one-line errors.
+
+In-process (``run_main(main, argv)``) where a subprocess adds nothing; one error case of each runs
+``python -m perk.eval`` / ``python -m perk.encode`` itself (exit status and stderr)."""
 
 import json
 import os
@@ -39,7 +42,7 @@ def trained_run(tmp_path_factory):
 def test_eval_writes_table_json_and_plots(trained_run, tmp_path, capsys):
     out = tmp_path / "eval"
     code = run_main(perk_eval.main, ["--checkpoint", str(trained_run), "--lengths", "1024,1280", "--depths", "0,100",
-                                     "--n", "1", "--out", str(out), "--max-new-tokens", "2"])
+                                     "--n", "1", "--out", str(out), "--max_new_tokens", "2"])
     assert code == 0
     results = json.loads((out / "eval.json").read_text())
     # Rows are grouped by where the first supporting fact really landed (a 1K-byte context full
@@ -63,7 +66,7 @@ def test_eval_on_a_users_jsonl(trained_run, tmp_path):
     write_jsonl(data, generate("student_records/relation", 2, 1024, tiny_tokenizer(), seed=5))
     out = tmp_path / "eval"
     code = run_main(perk_eval.main, ["--checkpoint", str(trained_run), "--data", str(data), "--methods", "perk",
-                                     "--out", str(out), "--max-new-tokens", "2"])
+                                     "--out", str(out), "--max_new_tokens", "2"])
     assert code == 0
     predictions = json.loads((out / "eval.json").read_text())["predictions"]
     assert len(predictions) == 2 and all(p["choice"] in ("yes", "no") for p in predictions)
@@ -73,7 +76,7 @@ def test_eval_reads_an_official_student_records_database(trained_run, tmp_path):
     data = Path(__file__).parent / "data" / "official" / "student_records_recall.json"
     out = tmp_path / "eval"
     code = run_main(perk_eval.main, ["--checkpoint", str(trained_run), "--data", str(data), "--methods", "perk",
-                                     "--out", str(out), "--max-new-tokens", "2"])
+                                     "--out", str(out), "--max_new_tokens", "2"])
     assert code == 0
     predictions = json.loads((out / "eval.json").read_text())["predictions"]
     assert [p["answer"] for p in predictions] == ["Alma Reyes", "Drama & Theatre Arts", "28", "Junior"]
@@ -85,7 +88,7 @@ def test_encode_answers_from_a_file_and_saves_a_peft_adapter(trained_run, tmp_pa
     context.write_text("Mary went to the kitchen.\n\nJohn took the apple.\n\nMary travelled to the garden.\n")
     code = run_main(perk_encode.main, ["--checkpoint", str(trained_run), "--context", str(context),
                                        "--question", "Where is Mary?", "--question", "Who took the apple?",
-                                       "--save-memory", str(tmp_path / "memory"), "--max-new-tokens", "3"])
+                                       "--save_memory", str(tmp_path / "memory"), "--max_new_tokens", "3"])
     assert code == 0
     out = capsys.readouterr().out
     assert out.count("Q: ") == 2 and "encoded" in out
@@ -100,20 +103,30 @@ def _cli(module, args):
 
 
 @pytest.mark.parametrize(
-    "module, args, message",
+    "cli, args, message",
     [
-        ("perk.eval", ["--lengths", "1x"], "malformed lengths"),
-        ("perk.eval", ["--task", "babilong/qa7"], "invalid choice"),
-        ("perk.eval", ["--data", "/nonexistent.jsonl"], "no such file"),
-        ("perk.eval", ["--methods", "perk,oracle"], "malformed methods"),
-        ("perk.encode", ["--context", "/nonexistent.txt", "--question", "q"], "no such file"),
+        (perk_eval, ["--lengths", "1x"], "malformed lengths"),
+        (perk_eval, ["--task", "babilong/qa7"], "invalid choice"),
+        (perk_eval, ["--data", "/nonexistent.jsonl"], "no such file"),
+        (perk_eval, ["--methods", "perk,oracle"], "malformed methods"),
+        (perk_eval, ["--max-new-tokens", "2"], "unknown flag --max-new-tokens: did you mean --max_new_tokens?"),
+        (perk_encode, ["--context", "/nonexistent.txt", "--question", "q"], "no such file"),
+        (perk_encode, ["--context", "x.txt", "--question", "q", "--save-memory", "m"],
+         "unknown flag --save-memory: did you mean --save_memory?"),
     ],
 )
-def test_bad_input_is_one_line(trained_run, module, args, message):
-    result = _cli(module, ["--checkpoint", str(trained_run), *args])
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_line(trained_run, capsys, cli, args, message):
+    code = run_main(cli.main, ["--checkpoint", str(trained_run), *args], prog="perk.x")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("perk.x: error: ")
+
+
+def test_encode_entry_point_reports_bad_input_in_one_line(trained_run):
+    result = _cli("perk.encode", ["--checkpoint", str(trained_run), "--context", "/nonexistent.txt", "--question", "q"])
+    assert result.returncode == 2
+    assert result.stderr == "perk.encode: error: --context: no such file: /nonexistent.txt\n"
 
 
 def test_checkpoint_of_another_base_model_is_refused(trained_run, tmp_path):

@@ -17,11 +17,20 @@ from perk import PerkConfig, PerkModel
 from perk import encode as perk_encode
 from perk import eval as perk_eval
 from perk import train as perk_train
+from perk.runs import (
+    FTIC_ADAPTER,
+    METRICS,
+    PERK_DIR,
+    RESOLVED_CONFIG,
+    MetricsLog,
+    TrainConfig,
+    save_resolved_config,
+)
 from perk.checkpoint import save_checkpoint
 from perk.cli import run_main
 from perk.engine import CONFIG_NAME, WEIGHTS_NAME
 from perk.tasks import generate, write_jsonl
-from perk.train import FTIC_ADAPTER, METRICS, PERK_DIR, RESOLVED_CONFIG, MetricsLog, all_tensors
+from perk.train import all_tensors
 from tests.test_train_cli import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 from tests.tiny_models import tiny_model_and_tokenizer, tiny_tokenizer
 
@@ -36,7 +45,7 @@ def untrained_run(tiny_model_dir, runs_dir, *extra):
     """A run directory as perk.train leaves it, with untrained meta-parameters (and FT-ICR adapter)."""
     _, config = perk_train.parse_args(tiny_args(tiny_model_dir, runs_dir) + list(extra))
     run = runs_dir / "run"
-    perk_train.save_resolved_config(run, config)
+    save_resolved_config(run, config)
     model, tokenizer = tiny_model_and_tokenizer("llama")
     pm = PerkModel.from_base(model, tokenizer, config.perk)
     pm.save_pretrained(run / PERK_DIR)
@@ -62,7 +71,7 @@ def one_line_error(capsys, code, *fragments):
 
 
 def eval_args(run, *extra):
-    return ["--checkpoint", str(run), "--device", "cpu", "--methods", "perk", "--n", "1", "--max-new-tokens", "2",
+    return ["--checkpoint", str(run), "--device", "cpu", "--methods", "perk", "--n", "1", "--max_new_tokens", "2",
             *extra]
 
 
@@ -162,7 +171,7 @@ def test_a_non_finite_step_stops_before_updating_or_checkpointing(tmp_path):
     weight = torch.ones(3, requires_grad=True)
     phase = perk_train.Phase("perk", {"w": weight}, {"w": 0.1},
                              lambda batch: (math.nan, {"w": torch.full((3,), math.nan)}, {}))
-    config = perk_train.TrainConfig(meta_steps=2, checkpoint_every=1)
+    config = TrainConfig(meta_steps=2, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match="perk step 0: non-finite loss"):
         perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
                              metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
@@ -183,7 +192,7 @@ def test_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == records
 
 
-# --- 7. a start that fails leaves no run behind; empty data; --max-new-tokens checked first --------
+# --- 7. a start that fails leaves no run behind; empty data; --max_new_tokens checked first --------
 
 
 def test_failed_data_generation_leaves_no_run_behind(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -218,16 +227,16 @@ def test_eval_data_still_works(run, tmp_path):
 def test_max_new_tokens_is_checked_before_loading(tmp_path, capsys, cli):
     context = tmp_path / "story.txt"
     context.write_text("Mary went home.\n")
-    argv = ["--checkpoint", str(tmp_path / "no-run"), "--max-new-tokens", "0"]
+    argv = ["--checkpoint", str(tmp_path / "no-run"), "--max_new_tokens", "0"]
     if cli is perk_encode:
         argv += ["--context", str(context), "--question", "Where?"]
-    one_line_error(capsys, run_main(cli.main, argv), "--max-new-tokens must be >= 1")
+    one_line_error(capsys, run_main(cli.main, argv), "--max_new_tokens: must be a positive integer")
 
 
 def test_encode_checks_questions_against_the_window_before_encoding(run, tmp_path, capsys):
     context = tmp_path / "story.txt"
     context.write_text("Mary went home.\n")
-    argv = ["--checkpoint", str(run), "--context", str(context), "--question", "Where?", "--max-new-tokens", "1020",
+    argv = ["--checkpoint", str(run), "--context", str(context), "--question", "Where?", "--max_new_tokens", "1020",
             "--device", "cpu"]
     one_line_error(capsys, run_main(perk_encode.main, argv), "max_new_tokens=1020", "window (1024)")
     assert "encoded" not in capsys.readouterr().out

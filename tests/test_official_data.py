@@ -16,7 +16,7 @@ import pytest
 
 from perk.cli import run_main
 from perk.data import main as data_main
-from perk.evaluate import _scored
+from perk.methods import _scored
 from perk.tasks import answer_part, read_problems, support_target, with_support_target
 from perk.tasks.student_records import record_document
 

@@ -1,4 +1,7 @@
-"""python -m perk.train / perk.eval / perk.encode on a tiny model: config, checkpoints, resume, errors."""
+"""python -m perk.train on a tiny model: config, checkpoints, resume, errors.
+
+In-process (``main(argv)`` / ``run_main``) where a subprocess adds nothing; ``python -m perk.train``
+itself is run by the kill-and-resume test (which needs a process to kill) and by one error case."""
 
 import json
 import os
@@ -12,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perk.cli import UsageError
+from perk.cli import UsageError, run_main
 from perk.train import PERK_DIR, batch_indices, main, parse_args
 from tests.tiny_models import save_tiny_model
 
@@ -47,10 +50,11 @@ def run_cli(module, args, timeout=300):
                           timeout=timeout, cwd=REPO)
 
 
-def test_help_lists_every_key_with_default_and_meaning():
-    out = run_cli("perk.train", ["--help"])
-    assert out.returncode == 0
-    text = " ".join(out.stdout.split())
+def test_help_lists_every_key_with_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
     for key in ("--meta_steps", "--data.task", "--data.context_tokens", "--perk.rank", "--perk.meta_grad",
                 "--perk.inner_lr", "--resume", "--config"):
         assert key in text
@@ -117,13 +121,14 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert strip(straight_metrics) == strip(resumed_metrics)
 
 
-def test_corrupt_latest_checkpoint_falls_back_with_a_message(tiny_model_dir, tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_with_a_message(tiny_model_dir, tmp_path, capsys):
     assert main(tiny_args(tiny_model_dir, tmp_path, steps=3) + ["--methods", "perk"]) == 0
     newest = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     (newest / "tensors.safetensors").write_bytes(b"garbage")
-    out = run_cli("perk.train", ["--resume", "--name", "run", "--runs_dir", str(tmp_path)])
-    assert out.returncode == 0, out.stderr
-    assert "does not match its checksum" in out.stderr and "resuming from step-00000002" in out.stdout
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert main(["--resume", "--name", "run", "--runs_dir", str(tmp_path)]) == 0
+    assert "resuming from step-00000002" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -136,19 +141,29 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_message(tiny_model_dir, tmp
         (["--perk.meta_grad", "second"], "meta_grad must be one of"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(tiny_model_dir, tmp_path, extra, message):
-    out = run_cli("perk.train", tiny_args(tiny_model_dir, tmp_path) + extra)
-    assert out.returncode != 0
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_line_and_nonzero(tiny_model_dir, tmp_path, capsys, extra, message):
+    code = run_main(main, tiny_args(tiny_model_dir, tmp_path) + extra, prog="perk.train")
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("perk.train: error: ")
     assert not (tmp_path / "run").exists(), "a failed start must not leave a run behind"
 
 
-def test_existing_run_is_never_overwritten(tiny_model_dir, tmp_path):
+def test_module_entry_point_reports_a_misspelt_flag_in_one_line(tiny_model_dir, tmp_path):
+    """``python -m perk.train``: exit status 2 and one line on stderr naming the right spelling."""
+    out = run_cli("perk.train", tiny_args(tiny_model_dir, tmp_path) + ["--meta-steps", "2"])
+    assert out.returncode == 2
+    assert out.stderr == "perk.train: error: unknown flag --meta-steps: did you mean --meta_steps?\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_never_overwritten(tiny_model_dir, tmp_path, capsys):
     assert main(tiny_args(tiny_model_dir, tmp_path, steps=1) + ["--methods", "perk"]) == 0
     before = (tmp_path / "run" / "results.json").read_bytes()
-    out = run_cli("perk.train", tiny_args(tiny_model_dir, tmp_path, steps=1))
-    assert out.returncode != 0 and "already holds a run" in out.stderr
+    capsys.readouterr()
+    assert run_main(main, tiny_args(tiny_model_dir, tmp_path, steps=1), prog="perk.train") != 0
+    assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "run" / "results.json").read_bytes() == before
 
 

@@ -1,12 +1,15 @@
-"""Answering held-out problems with PERK and with the prompt-based baselines, scored alike.
+"""The methods compared: PERK, zero-shot and FT-ICR; answering held-out problems with each, scored alike.
 
 Methods:
 
 * ``perk`` — encode the context into the meta-learned adapter, answer without the context.
 * ``zeroshot`` — the base model with the context in the prompt (truncated to the window; the
   prediction records it).
-* ``ftic`` — FT-ICR: the same, with a LoRA adapter fine-tuned on the training problems with the
-  context in the prompt (see :mod:`perk.baselines`).
+* ``ftic`` — FT-ICR: the prompt-based baseline fine-tuned with the same budget as PERK. The same
+  base model with a LoRA adapter of the same rank, trained on the same training problems with the
+  context *in the prompt* (cut to the model window) and the loss on the answer tokens
+  (:func:`ftic_loss_and_grad`). The adapter is one flat buffer in the engine's layout, applied
+  through the same injected layers as PERK's memories, so both methods share every kernel.
 
 Every method is scored by exact match and token F1 of its greedy answer and, when the problem
 has a closed answer set, by constrained choice: the choice with the highest log-likelihood after
@@ -26,7 +29,7 @@ from tqdm.auto import tqdm
 from perk.adapted_model import AdaptedModel
 from perk.engine import PerkModel
 from perk.report import Prediction
-from perk.segments import answer_text, build_prompt
+from perk.segments import TokenBatch, answer_text, build_prompt, rows_to_batch
 from perk.tasks import answer_part, exact_match, f1
 
 METHODS = ("perk", "zeroshot", "ftic")
@@ -60,6 +63,28 @@ def context_prompt(adapted: AdaptedModel, problem, reserve: int) -> tuple[list[i
         context_ids = context_ids[len(context_ids) - keep :]
         context = tokenizer.decode(context_ids)
         truncated = True
+
+
+def ftic_batch(adapted: AdaptedModel, problems: list[dict]) -> TokenBatch:
+    """FT-ICR training rows ``prompt(context, question) + answer + eos`` of one shared adapter,
+    labelled on the answer; the loss weights make ``Σ weights·NLL`` the mean NLL over the batch's
+    answer tokens."""
+    tokenizer = adapted.tokenizer
+    rows, targets = [], []
+    for problem in problems:
+        target = tokenizer(answer_text(tokenizer, problem["answer"]), add_special_tokens=False)["input_ids"]
+        target = target + [tokenizer.eos_token_id]
+        prompt, _ = context_prompt(adapted, problem, reserve=len(target))
+        rows.append(prompt + target)
+        targets.append([False] * len(prompt) + [True] * len(target))
+    return rows_to_batch(rows, targets, [0] * len(rows), 1, adapted.filler_id)
+
+
+def ftic_loss_and_grad(adapted: AdaptedModel, adapter: torch.Tensor, problems: list[dict]) -> tuple[float, torch.Tensor]:
+    """Mean answer NLL of ``problems`` under the FT-ICR ``adapter`` (1, P), and its gradient."""
+    batch = ftic_batch(adapted, problems).to(adapted.device)
+    result = adapted.loss_and_grad(batch, adapter.to(adapted.device, adapted.dtype))
+    return float(result.losses.sum()), result.grad
 
 
 def choice_log_likelihoods(

@@ -1,0 +1,256 @@
+"""A training run: its config, its directory, and loading what it wrote.
+
+``python -m perk.train`` writes everything of a run into ``<runs_dir>/<name>/``:
+
+* ``config.yaml`` — the resolved :class:`TrainConfig` (written atomically when the run starts;
+  ``--resume`` continues with it);
+* ``metrics.jsonl`` — one JSON line per optimizer step (:class:`MetricsLog`);
+* ``checkpoints/step-*/`` — atomic, verified checkpoints (:mod:`perk.checkpoint`);
+* ``perk/`` — the trained PERK model (:meth:`perk.engine.PerkModel.save_pretrained`);
+* ``ftic_adapter.safetensors`` — the FT-ICR baseline's adapter, when ``ftic`` is a method;
+* ``results.{json,md}`` — the final evaluation (:mod:`perk.report`).
+
+The command-line tools (train, eval, encode, check_meta_grad) share this module, not each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save
+
+from perk.checkpoint import read_safetensors, write_file_atomic
+from perk.cli import UsageError, build_config, config_to_dict, flatten
+from perk.config import PerkConfig
+from perk.config import _check_positive as check_positive
+from perk.engine import PerkModel, load_tensors, read_pretrained
+from perk.fields import field
+from perk.methods import METHODS
+from perk.models import DEFAULT_MODEL, load_base_model, resolve_base_dtype
+from perk.tasks import TASKS
+
+RESOLVED_CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+PERK_DIR = "perk"
+FTIC_ADAPTER = "ftic_adapter.safetensors"
+PHASES = ("perk", "ftic")  # the optimisation phases of a run, in order
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    task: str = field("babilong/qa1", f"task to train and evaluate on: {', '.join(TASKS)}")
+    context_tokens: int = field(256, "context length of every problem, in the base model's tokens")
+    train_problems: int = field(256, "training problems: generated, or the first ones of data.train_file")
+    eval_problems: int = field(
+        20, "held-out problems for the final evaluation: generated (another seed), the first ones of "
+        "data.eval_file, or the last ones of data.train_file"
+    )
+    order_markers: bool = field(True, "prefix bAbI facts with per-actor event counters ('Mary Event 3: ...')")
+    doc_index: bool = field(True, "prefix every document with its index ('doc_12: ...')")
+    seed: int = field(0, "seed of the training problems (held-out problems use seed + 1)")
+    train_file: str | None = field(
+        None, "train on this dataset file instead of generated problems: JSONL, a JSON array or object, or a "
+        "Student Records database with questions (the official PERK data as it comes)"
+    )
+    eval_file: str | None = field(
+        None, "evaluate on this dataset file (default: generated problems; with data.train_file, its last "
+        "data.eval_problems, held out from training)"
+    )
+    support_targets: bool = field(
+        False, "train on the official '<support>facts</support>\\n<output>answer</output>' targets (problems "
+        "with supporting facts) and score the output part"
+    )
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("context_tokens", "train_problems", "eval_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_file", "eval_file"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"data.{name}: no such file: {getattr(self, name)}")
+
+    def describe(self) -> str:
+        """What the problems are, for the results' header."""
+        if self.train_file is None:
+            return f"{self.task}, {self.context_tokens}-token contexts"
+        return f"problems of {self.train_file}"
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(DEFAULT_MODEL, "base model: alias, local HF directory or .gguf file")
+    name: str = field("default", "run name: results go to <runs_dir>/<name>/")
+    runs_dir: str = field("runs", "folder of all runs")
+    device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
+    base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda, and on a cpu whose bf16 matmuls measure fast)")
+    meta_steps: int = field(24, "optimizer steps of meta-training (and of FT-ICR training)")
+    meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
+    meta_lr: float = field(3e-3, "Adam learning rate of the adapter init (and token weighting)")
+    inner_lr_meta_lr: float = field(0.01, "Adam learning rate of the log inner learning rates (u in lr0·exp(u))")
+    warmup_steps: int = field(4, "linear warm-up steps of the learning rate (then cosine decay to 10%)")
+    max_grad_norm: float = field(1.0, "clip the global norm of each step's gradient")
+    ftic_lr: float = field(1e-3, "Adam learning rate of the FT-ICR LoRA")
+    checkpoint_every: int = field(10, "write a checkpoint every this many steps")
+    keep_checkpoints: int = field(2, "how many of the newest checkpoints to keep")
+    methods: tuple[str, ...] = field(METHODS, "methods evaluated at the end: perk, zeroshot, ftic")
+    max_new_tokens: int = field(8, "greedy answer length limit at evaluation")
+    eval_batch: int = field(4, "contexts encoded together at evaluation")
+    data: DataConfig = field(DataConfig(), "problems")
+    # One unrolled step keeps a CPU meta-step near 11 s on SmolLM2-135M; clipping the inner
+    # gradients (norms are ~0.4-0.7 at the start) keeps learned inner rates from diverging.
+    perk: PerkConfig = field(PerkConfig(unroll_steps=1, inner_max_grad_norm=1.0), "the PERK engine")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {self.methods}")
+        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}")
+        for name in ("meta_steps", "meta_batch", "checkpoint_every", "keep_checkpoints", "max_new_tokens", "eval_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        # A negative clip norm would flip every gradient (ascent), a NaN rate poison the checkpoints.
+        for name in ("meta_lr", "inner_lr_meta_lr", "ftic_lr", "max_grad_norm"):
+            check_positive(name, getattr(self, name))
+
+
+def gpu_defaults() -> TrainConfig:
+    """Defaults scaled for one GPU: longer contexts, bigger meta-batches, more steps."""
+    return TrainConfig(
+        meta_steps=300, meta_batch=8, checkpoint_every=50, eval_batch=16,
+        data=DataConfig(context_tokens=1024, train_problems=4096, eval_problems=200),
+        perk=PerkConfig(unroll_steps=2, inner_max_grad_norm=1.0, micro_batch_tokens=32768),
+    )
+
+
+def resolve_device(requested: str) -> str:
+    """``cpu`` or ``cuda`` for a ``device`` setting (``auto``: cuda when available)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if requested not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or auto, got {requested!r}")
+    return requested
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config a run saved, validated like the command line (UsageError if damaged)."""
+    path = run_dir / RESOLVED_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"{path}: not a readable run config ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: not a run config (expected a mapping of keys to values)")
+    try:
+        return build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in flatten(data).items()}))
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None
+
+
+def save_resolved_config(run_dir: Path, config: TrainConfig) -> None:
+    """``config.yaml`` of a run, written atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(run_dir / RESOLVED_CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ----------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON line per step, appended and flushed as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate_after(self, phase_index: int, step: int) -> None:
+        """Drop the lines a resumed run will redo (after ``step`` of phase ``phase_index``), and
+        any line that is not a whole record (a kill mid-write tears the last one)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        records = [_record(line) for line in lines]
+        torn = sum(1 for line, r in zip(lines, records) if r is None and line.strip())
+        if torn:
+            warnings.warn(f"{self.path}: dropping {torn} damaged line(s) (a run killed mid-write)", stacklevel=2)
+        kept = [line for line, r in zip(lines, records) if r is not None and _before(r, phase_index, step)]
+        write_file_atomic(self.path, "".join(line + "\n" for line in kept).encode())
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+
+def _record(line: str) -> dict | None:
+    """One metrics line as a record, or None when it is not one (torn, or not of this format)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("phase") not in PHASES or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def _before(record: dict, phase_index: int, step: int) -> bool:
+    index = PHASES.index(record["phase"])
+    return index < phase_index or (index == phase_index and record["step"] < step)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a finished run leaves: the PERK model and the FT-ICR adapter
+# ----------------------------------------------------------------------------------------------
+
+
+def save_ftic_adapter(run_dir: Path, adapter: torch.Tensor) -> None:
+    """``ftic_adapter.safetensors``: the FT-ICR adapter (P,), written atomically."""
+    tensors = {"adapter": adapter.detach().contiguous().cpu()}
+    write_file_atomic(run_dir / FTIC_ADAPTER, save(tensors))
+
+
+def load_ftic_adapter(run_dir: Path, pm: PerkModel) -> torch.Tensor:
+    """The FT-ICR adapter a run saved, as (1, P), checked against ``pm``'s adapter layout."""
+    adapter = torch.zeros(1, pm.layout.n_params, dtype=pm.dtype)
+    load_tensors({"adapter": adapter[0]}, read_safetensors(run_dir / FTIC_ADAPTER), source=str(run_dir / FTIC_ADAPTER))
+    return adapter
+
+
+def load_run(run_dir: Path, model_name: str | None, device: str) -> tuple[PerkModel, TrainConfig]:
+    """(PerkModel, run config) of a run directory written by perk.train, on ``device``
+    (``model_name``: another base model than the run's, which must fit its adapters).
+
+    The run's files are checked (readable, valid, finite) before the base model is loaded."""
+    config_file = run_dir / RESOLVED_CONFIG
+    if not (run_dir / PERK_DIR).is_dir() or not config_file.is_file():
+        raise UsageError(f"--checkpoint {run_dir}: not a finished perk.train run (no {PERK_DIR}/ or {RESOLVED_CONFIG})")
+    config = read_run_config(run_dir)
+    try:
+        read_pretrained(run_dir / PERK_DIR)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--checkpoint {run_dir}: damaged {PERK_DIR}/ ({err})") from None
+    dtype = resolve_base_dtype(config.base_dtype, device)
+    model, tokenizer = load_base_model(model_name or config.model, dtype=dtype, device=device)
+    try:
+        pm = PerkModel.from_pretrained(run_dir / PERK_DIR, model, tokenizer)
+    except ValueError as err:
+        raise UsageError(f"--checkpoint {run_dir} does not fit base model {model_name or config.model}: {err}") from None
+    return pm, config
