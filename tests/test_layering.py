@@ -6,6 +6,8 @@
 * A library module imports no command-line module.
 * :mod:`perk.config` and :mod:`perk.fields` import nothing of the command-line layer, not even
   :mod:`perk.cli`.
+* No class is longer than a newcomer can hold in mind (``MAX_CLASS_LINES``): the engine is split
+  into the adapted model, the inner loop, the meta-gradient modes and PERK's own meta-parameters.
 """
 
 import ast
@@ -16,6 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "perk"
 CLI_MODULES = {"perk.train", "perk.eval", "perk.encode", "perk.data", "perk.check_meta_grad"}
 CLI_LAYER = CLI_MODULES | {"perk.cli"}
+MAX_CLASS_LINES = 300
 
 
 def module_name(path: Path) -> str:
@@ -58,3 +61,10 @@ def test_library_modules_import_no_command_line_module(name):
 @pytest.mark.parametrize("name", ["perk.config", "perk.fields"])
 def test_configs_import_nothing_of_the_command_line_layer(name):
     assert not perk_imports(MODULES[name]) & CLI_LAYER
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_class_is_over_the_size_limit(name):
+    tree = ast.parse(MODULES[name].read_text())
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+    assert all(lines <= MAX_CLASS_LINES for lines in sizes.values()), sizes
