@@ -25,15 +25,24 @@ def _env() -> dict[str, str]:
     return env
 
 
+# One small case of every suite and provider, and the two lengths a plot needs: the report is what
+# this test checks (the suites themselves are run by `pytest benchmarks --benchmark-only`).
+SUBSET = (
+    "smollm2-135m-prompt-256 or smollm2-135m-perk-r16-256 or qwen2.5-0.5b-naive-r256-256 or fused-32 "
+    "or fwd-triton-up-4-1-64 or triton_inplace or fd-T2"
+)
+
+
 def test_run_writes_json_summary_and_plots_with_every_field(tmp_path):
     result = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--sizes", "small", "--out-dir", str(tmp_path)],
+        [sys.executable, "benchmarks/run.py", "--sizes", "small", "--out-dir", str(tmp_path), "--", "-k", SUBSET],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (json_path,) = tmp_path.glob("*.json")
     data = json.loads(json_path.read_text())
     assert data["command"].startswith("python benchmarks/run.py --sizes small")
+    assert len(data["benchmarks"]) == 8, [b["name"] for b in data["benchmarks"]]
     suites = {}
     for bench in data["benchmarks"]:
         suites.setdefault(bench["fullname"].split("::")[0].removeprefix("benchmarks/test_"), []).append(bench)
