@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.perk-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test` (one per core; TEST_WORKERS=0 runs in one process)
+TEST_WORKERS ?= auto
 
 .PHONY: install run test bench bench-gpu clean
 
@@ -29,7 +31,7 @@ run: install
 	$(PY) -m perk.train $(if $(wildcard runs/default/config.yaml),--resume)
 
 test: install
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)

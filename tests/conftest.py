@@ -22,6 +22,13 @@ def _cuda_present() -> bool:
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one intra-op thread each, or the
+    # workers' OpenMP pools oversubscribe the cores and every test slows down.
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests need a CUDA device (``pytest -m gpu`` runs just them); ``interpreter`` tests run
@@ -36,6 +43,10 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+        if "slow" in item.keywords:
+            # one worker runs every test of the real model, so its de-quantisation happens once
+            # (``--dist loadgroup``; without pytest-xdist the mark is inert)
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
 @pytest.fixture(autouse=True)
