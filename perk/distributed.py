@@ -14,7 +14,7 @@ Two ways of spreading work over K processes (ranks), both on ``torch.distributed
   each inner step all-reduces the inner gradient and the inner losses (:func:`all_reduce_sum_`),
   so every rank takes the step one process would, holding 1/K of the activations.
 
-Without torchrun (or with one process) :func:`launch` returns a single-process :class:`Launch`
+Without torchrun (or with one process) :func:`from_torchrun` returns a single-process :class:`Launch`
 and no collective is ever called: the single-process code path is unchanged.
 """
 
@@ -59,7 +59,7 @@ def torchrun_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def launch(device: str) -> Launch:
+def from_torchrun(device: str) -> Launch:
     """Join the torchrun process group when there is one (``WORLD_SIZE`` > 1): NCCL on
     ``cuda:LOCAL_RANK`` when ``device`` is ``cuda``, gloo on CPU. Outside torchrun, or with one
     process, nothing is initialised and the launch is single-process on ``device``."""
@@ -161,3 +161,13 @@ def gather_lists(items: list, launch: Launch) -> list[list]:
     gathered: list = [None] * launch.world_size
     dist.all_gather_object(gathered, items)
     return gathered
+
+
+def from_rank0(value, launch: Launch):
+    """Rank 0's ``value`` (picklable) on every rank: for choices that must not differ between
+    processes but are made by measuring (e.g. the CPU base dtype of ``base_dtype=auto``)."""
+    if not launch.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
