@@ -54,6 +54,9 @@ class Launch:
         return self.rank == 0
 
 
+SINGLE_PROCESS = Launch()
+
+
 def torchrun_world_size() -> int:
     """``WORLD_SIZE`` of the torchrun environment (1 outside torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

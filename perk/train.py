@@ -52,6 +52,7 @@ from perk.cli import (
     run_main,
 )
 from perk.distributed import (
+    SINGLE_PROCESS,
     Launch,
     all_reduce_mean,
     barrier,
@@ -186,7 +187,7 @@ def all_tensors(pm: PerkModel, ftic_adapter: torch.Tensor | None) -> dict[str, t
 
 def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_dir: Path, metrics: MetricsLog,
               checkpoint_tensors: Callable[[], dict[str, torch.Tensor]], start_step: int = 0,
-              resume_state: dict | None = None, launch: Launch = Launch()) -> None:
+              resume_state: dict | None = None, launch: Launch = SINGLE_PROCESS) -> None:
     """``config.meta_steps`` Adam steps of ``phase`` from ``start_step``, checkpointed.
 
     Distributed (``launch``): each process takes its share of every step's batch, and the all-reduced
