@@ -165,7 +165,11 @@ class AdaptedModel:
     def features(self, batch: TokenBatch) -> torch.Tensor:
         """(rows, seq, d_model) base-model hidden states of ``batch``, adapters off, no graph."""
         with torch.no_grad():
-            return torch.cat([self.hidden(batch.input_ids[rows]) for rows in batch.chunks(self.micro_batch_tokens)])
+            parts = [self.hidden(batch.input_ids[rows]) for rows in batch.chunks(self.micro_batch_tokens)]
+        if not parts:  # no rows (a rank's share of a context shorter than the process group)
+            d_model = self.model.get_output_embeddings().weight.shape[1]
+            return torch.zeros(0, batch.input_ids.shape[1], d_model, dtype=self.model.dtype, device=self.device)
+        return torch.cat(parts)
 
     @contextlib.contextmanager
     def kernel_backend(self, backend: str):

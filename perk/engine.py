@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from perk.adapted_model import AdaptedModel
 from perk.checkpoint import read_safetensors, write_folder_atomic
 from perk.config import PerkConfig
+from perk.distributed import group_size, shard_rows
 from perk.inner_loop import PerkStats, inner_loop
 from perk.memory import Memory
 from perk.meta_gradient import meta_gradient
@@ -175,21 +176,34 @@ class PerkModel:
     # Public API: encode, answer, meta_loss, meta_gradient
     # ------------------------------------------------------------------------------------------
 
-    def encode(self, contexts: str | list[str | list[str]]) -> Memory:
+    def encode(self, contexts: str | list[str | list[str]], *, group=None) -> Memory:
         """Write contexts into adapters, one each: N inner steps from θ, no graph kept.
 
         ``contexts`` is a list of contexts, each a str or a list of str documents (so
         ``["a", "b"]`` is two contexts and ``[["a", "b"]]`` one context of two documents); a
         lone str is one context. All contexts are encoded in the same forward passes and get the
         same adapters as one at a time. The memory's ``stats`` tell what the call did.
+
+        ``group`` (a ``torch.distributed`` process group, e.g. ``torch.distributed.group.WORLD``):
+        shard the contexts' segment rows over the group's ranks, which must all call ``encode``
+        with the same contexts and meta-parameters. Each rank runs the forward and backward
+        passes of its share of the rows only (1/K of the activations); every inner step
+        all-reduces the inner gradient and losses, so every rank returns the memory one process
+        would (up to float summation order).
         """
         start = time.perf_counter()
         segments = self._segments([contexts] if isinstance(contexts, str) else contexts)
+        local = segments
+        if group_size(group) > 1:
+            local = shard_rows(segments, torch.distributed.get_rank(group), group_size(group))
+        else:
+            group = None  # one process: the plain path
         with torch.no_grad():
             phi, _, stats = inner_loop(
-                self.adapted, self.config, self.adapter_init, self.inner_learning_rates(), segments,
-                self._token_weights(segments),
+                self.adapted, self.config, self.adapter_init, self.inner_learning_rates(), local,
+                self._token_weights(local), group=group,
             )
+        stats.context_tokens = segments.n_tokens
         stats.seconds = time.perf_counter() - start
         return Memory(
             phi, self.layout, self.config.rank, self.config.alpha, self.config.rslora,

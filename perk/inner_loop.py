@@ -21,6 +21,7 @@ import torch
 import perk_kernels
 from perk.adapted_model import AdaptedModel
 from perk.config import PerkConfig
+from perk.distributed import all_reduce_sum_
 from perk.segments import TokenBatch
 
 
@@ -158,6 +159,7 @@ def inner_loop(
     *,
     record_from: int | None = None,
     differentiable: bool = False,
+    group=None,
 ) -> tuple[torch.Tensor, list[InnerStepRecord], PerkStats]:
     """N inner steps from ``init`` (P,) with rates ``lr`` (N, G) over ``segments``; returns φ_N
     (n_adapters, P), the step records and the stats.
@@ -166,7 +168,15 @@ def inner_loop(
     steps n ≥ record_from). ``differentiable`` (``exact`` mode): steps n ≥ N − T build their
     graph (create_graph), earlier ones use detached gradients; φ_N then carries the graph to
     ``init``, ``lr`` and ``token_weights``. Otherwise nothing is differentiated.
+
+    ``group`` (a torch.distributed process group): ``segments`` (and ``token_weights``) are this
+    rank's share of the rows, with loss weights normalised over all ranks' rows; each step
+    all-reduces the inner gradient and losses, so the sum is the whole gradient and every rank
+    (clipping included) takes the step one process would take on all rows. ``stats.context_tokens``
+    then counts this rank's rows only.
     """
+    if group is not None and differentiable:
+        raise ValueError("a context sharded over a process group is encoded without a graph (differentiable=False)")
     n_adapters = segments.n_adapters
     if not differentiable:
         lr, init = lr.detach(), init.detach()
@@ -182,8 +192,11 @@ def inner_loop(
             segments, phi if unrolled else phi.detach(), create_graph=unrolled,
             token_weights=token_weights if unrolled or token_weights is None else token_weights.detach(),
         )
-        grad, step_lr = result.grad, lr[n].unsqueeze(0).expand(n_adapters, -1)
-        nonfinite[n] = ~(result.losses.isfinite() & result.grad.isfinite().all(1))
+        grad, step_losses = result.grad, result.losses
+        if group is not None:  # this rank's share of the sums → the whole sums, before anything reads them
+            grad, step_losses = all_reduce_sum_([grad, step_losses], group)
+        step_lr = lr[n].unsqueeze(0).expand(n_adapters, -1)
+        nonfinite[n] = ~(step_losses.isfinite() & grad.isfinite().all(1))
         if config.on_nonfinite == "skip":  # a zero step for those adapters
             keep = ~nonfinite[n].unsqueeze(1)
             grad, step_lr = torch.where(keep, grad, 0.0), step_lr * keep.to(step_lr.dtype)
@@ -191,7 +204,7 @@ def inner_loop(
             grad, phi, step_lr, n, record=record_from is not None,
             unrolled=record_from is not None and n >= record_from,
         )
-        losses[n] = result.losses.detach()
+        losses[n] = step_losses.detach()
         if record is not None:
             records.append(record)
         # φ ← φ − α ⊙ d. Without a graph: one fused launch over every tensor group, in place

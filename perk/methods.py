@@ -176,15 +176,17 @@ def evaluate_prompted(adapted: AdaptedModel, problems: Sequence[dict], *, method
 
 
 def evaluate(pm: PerkModel, problems: Sequence[dict], methods: Sequence[str], *, ftic_adapter: torch.Tensor | None = None,
-             max_new_tokens: int = 8, batch_size: int = 4, desc: str = "eval") -> list[Prediction]:
-    """Every method on every problem, with one progress bar."""
+             max_new_tokens: int = 8, batch_size: int = 4, desc: str = "eval", progress: bool = True) -> list[Prediction]:
+    """Every method on every problem, with one progress bar (unless ``progress`` is False), in the
+    order method by method, problems in order."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
     if "ftic" in methods and ftic_adapter is None:
         raise ValueError("method 'ftic' needs the FT-ICR adapter trained by perk.train")
     predictions: list[Prediction] = []
-    with tqdm(total=len(problems) * len(methods), desc=desc, unit="problem", dynamic_ncols=True) as bar:
+    with tqdm(total=len(problems) * len(methods), desc=desc, unit="problem", dynamic_ncols=True,
+              **({} if progress else {"disable": True})) as bar:
         for method in methods:
             bar.set_postfix(method=method)
             if method == "perk":

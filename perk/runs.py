@@ -3,8 +3,8 @@
 ``python -m perk.train`` writes everything of a run into ``<runs_dir>/<name>/``:
 
 * ``config.yaml`` — the resolved :class:`TrainConfig` (written atomically when the run starts;
-  ``--resume`` continues with it);
-* ``metrics.jsonl`` — one JSON line per optimizer step (:class:`MetricsLog`);
+  ``--resume`` continues with it), after a comment line saying on how many processes it started;
+* ``metrics.jsonl`` — one JSON line per optimizer step (:class:`MetricsLog`), with the world size;
 * ``checkpoints/step-*/`` — atomic, verified checkpoints (:mod:`perk.checkpoint`);
 * ``perk/`` — the trained PERK model (:meth:`perk.engine.PerkModel.save_pretrained`);
 * ``ftic_adapter.safetensors`` — the FT-ICR baseline's adapter, when ``ftic`` is a method;
@@ -29,6 +29,7 @@ from perk.checkpoint import read_safetensors, write_file_atomic
 from perk.cli import UsageError, build_config, config_to_dict, flatten
 from perk.config import PerkConfig
 from perk.config import _check_positive as check_positive
+from perk.distributed import Launch, from_rank0
 from perk.engine import PerkModel, load_tensors, read_pretrained
 from perk.fields import field
 from perk.methods import METHODS
@@ -164,10 +165,15 @@ def read_run_config(run_dir: Path) -> TrainConfig:
         raise UsageError(f"{path}: {err}") from None
 
 
-def save_resolved_config(run_dir: Path, config: TrainConfig) -> None:
-    """``config.yaml`` of a run, written atomically."""
+def save_resolved_config(run_dir: Path, config: TrainConfig, *, world_size: int = 1) -> None:
+    """``config.yaml`` of a run, written atomically; its first line (a YAML comment, so the file
+    stays a ``--config`` file) records how many processes started the run (``metrics.jsonl`` has
+    the world size of every step: a resumed run may use another)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(run_dir / RESOLVED_CONFIG, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode())
+    launched = f"# launched on {world_size} process{'es' if world_size > 1 else ''}"
+    launched += " (torchrun)\n" if world_size > 1 else "\n"
+    text = launched + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    write_file_atomic(run_dir / RESOLVED_CONFIG, text.encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,9 +240,11 @@ def load_ftic_adapter(run_dir: Path, pm: PerkModel) -> torch.Tensor:
     return adapter
 
 
-def load_run(run_dir: Path, model_name: str | None, device: str) -> tuple[PerkModel, TrainConfig]:
+def load_run(run_dir: Path, model_name: str | None, device: str, *,
+             launch: Launch | None = None) -> tuple[PerkModel, TrainConfig]:
     """(PerkModel, run config) of a run directory written by perk.train, on ``device``
-    (``model_name``: another base model than the run's, which must fit its adapters).
+    (``model_name``: another base model than the run's, which must fit its adapters). With a
+    distributed ``launch``, every process loads the base model in rank 0's dtype.
 
     The run's files are checked (readable, valid, finite) before the base model is loaded."""
     config_file = run_dir / RESOLVED_CONFIG
@@ -248,6 +256,8 @@ def load_run(run_dir: Path, model_name: str | None, device: str) -> tuple[PerkMo
     except (OSError, ValueError) as err:
         raise UsageError(f"--checkpoint {run_dir}: damaged {PERK_DIR}/ ({err})") from None
     dtype = resolve_base_dtype(config.base_dtype, device)
+    if launch is not None:
+        dtype = from_rank0(dtype, launch)  # "auto" on a CPU measures: the processes must agree
     model, tokenizer = load_base_model(model_name or config.model, dtype=dtype, device=device)
     try:
         pm = PerkModel.from_pretrained(run_dir / PERK_DIR, model, tokenizer)

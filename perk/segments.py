@@ -53,6 +53,13 @@ class TokenBatch:
         for start in range(0, self.input_ids.shape[0], rows_per_chunk):
             yield slice(start, start + rows_per_chunk)
 
+    def select(self, rows: slice) -> TokenBatch:
+        """The batch of rows ``rows`` only, for the same adapters and with the same loss weights
+        (still normalised over the whole batch)."""
+        return TokenBatch(
+            self.input_ids[rows], self.labels[rows], self.row_adapters[rows], self.loss_weights[rows], self.n_adapters
+        )
+
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(
             self.input_ids.to(device), self.labels.to(device), self.row_adapters.to(device),

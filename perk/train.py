@@ -14,6 +14,11 @@ defaults scale up. The run reads top to bottom:
    with the context in the prompt;
 5. evaluation on held-out problems: PERK vs zero-shot vs FT-ICR, printed and saved as a table.
 
+Under ``torchrun --nproc_per_node=K`` (perk.distributed) every meta-batch and the held-out
+problems are shared out over the K processes: each computes the loss and gradients of its share,
+one all-reduce makes them those of the whole batch, so every process takes the same Adam step;
+rank 0 alone prints and writes the run directory. ``meta_batch`` must be a multiple of K.
+
 Everything lands in ``runs/<name>/``: the resolved config, ``metrics.jsonl`` (one line per
 step), atomic checkpoints every ``checkpoint_every`` steps (``--resume`` continues exactly where
 a run stopped), the trained PERK model (``perk/``), the FT-ICR adapter, and the results.
@@ -46,8 +51,19 @@ from perk.cli import (
     build_config,
     run_main,
 )
+from perk.distributed import (
+    SINGLE_PROCESS,
+    Launch,
+    all_reduce_mean,
+    barrier,
+    close,
+    from_rank0,
+    from_torchrun,
+    gather_lists,
+    shard,
+)
 from perk.engine import PerkModel, load_tensors
-from perk.methods import answer_budget, evaluate, ftic_loss_and_grad
+from perk.methods import answer_budget, evaluate, ftic_batch, ftic_loss_and_grad
 from perk.models import load_base_model, resolve_base_dtype
 from perk.report import write_results
 from perk.runs import (
@@ -150,6 +166,9 @@ class Phase:
     params: dict[str, torch.Tensor]
     lrs: dict[str, float]  # Adam learning rate of each parameter
     loss_and_grads: Callable[[list[dict]], tuple[float, dict[str, torch.Tensor], dict]]
+    # The size of a share of a batch in the unit the loss averages over (problems by default):
+    # what each process's mean is weighted by when the processes' gradients are all-reduced.
+    weight: Callable[[list[dict]], float] = len
 
 
 def make_optimizer(phase: Phase, config: TrainConfig):
@@ -168,19 +187,27 @@ def all_tensors(pm: PerkModel, ftic_adapter: torch.Tensor | None) -> dict[str, t
 
 def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_dir: Path, metrics: MetricsLog,
               checkpoint_tensors: Callable[[], dict[str, torch.Tensor]], start_step: int = 0,
-              resume_state: dict | None = None) -> None:
-    """``config.meta_steps`` Adam steps of ``phase`` from ``start_step``, checkpointed."""
+              resume_state: dict | None = None, launch: Launch = SINGLE_PROCESS) -> None:
+    """``config.meta_steps`` Adam steps of ``phase`` from ``start_step``, checkpointed.
+
+    Distributed (``launch``): each process takes its share of every step's batch, and the all-reduced
+    loss and gradients are the whole batch's, so every process takes the same step; rank 0 alone
+    logs and checkpoints."""
     optimizer, scheduler = make_optimizer(phase, config)
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         set_rng_state(resume_state["rng"])
     params = list(phase.params.values())
-    bar = tqdm(total=config.meta_steps, initial=start_step, desc=phase.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.meta_steps, initial=start_step, desc=phase.name, unit="step", dynamic_ncols=True,
+               **({} if launch.is_main else {"disable": True}))
     for step in range(start_step, config.meta_steps):
-        batch = [problems[i] for i in batch_indices(step, config.meta_batch, len(problems), config.data.seed)]
+        indices = batch_indices(step, config.meta_batch, len(problems), config.data.seed)  # the global batch
+        batch = [problems[i] for i in shard(indices, launch)]
         start = time.perf_counter()
         loss, grads, info = phase.loss_and_grads(batch)
+        if launch.distributed:
+            loss, grads, info = all_reduce_mean(loss, grads, info, phase.weight(batch), launch)
         for name, param in phase.params.items():
             param.grad = grads[name].to(param.dtype)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
@@ -195,14 +222,18 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         record = {"phase": phase.name, "step": step, "loss": loss, "grad_norm": grad_norm,
-                  "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4), **info}
-        metrics.append(record)
+                  "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 4), **info,
+                  "world_size": launch.world_size}
+        if launch.is_main:
+            metrics.append(record)
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "inner_first", "inner_last", "tok_s")})
         bar.update(1)
         done = step + 1
-        if done % config.checkpoint_every == 0 or done == config.meta_steps:
+        if launch.is_main and (done % config.checkpoint_every == 0 or done == config.meta_steps):
+            # Nothing in it is per-process (the optimizer state is the same everywhere), so a run
+            # resumes on any number of processes.
             state = {"phase": phase.name, "phase_step": done, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": rng_state()}
+                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "world_size": launch.world_size}
             global_step = PHASES.index(phase.name) * config.meta_steps + done
             save_checkpoint(run_dir, global_step, checkpoint_tensors(), state, keep=config.keep_checkpoints)
     bar.close()
@@ -229,7 +260,10 @@ def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Pha
         loss, grad = ftic_loss_and_grad(pm.adapted, adapter.unsqueeze(0), batch)
         return loss, {"adapter": grad[0]}, {}
 
-    return Phase("ftic", {"adapter": adapter}, {"adapter": config.ftic_lr}, loss_and_grads)
+    def answer_tokens(batch: list[dict]) -> int:  # the FT-ICR loss is a mean over the answer tokens
+        return ftic_batch(pm.adapted, batch).n_tokens
+
+    return Phase("ftic", {"adapter": adapter}, {"adapter": config.ftic_lr}, loss_and_grads, answer_tokens)
 
 
 def restore(pm: PerkModel, ftic_adapter: torch.Tensor | None, checkpoint: Checkpoint) -> None:
@@ -267,16 +301,42 @@ def make_problems(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict
     return train, held_out
 
 
+def check_world_size(config: TrainConfig, launch: Launch) -> None:
+    """Every process takes an equal share of a meta-batch: ``meta_batch`` must be a multiple of
+    the world size (so at least as large)."""
+    if config.meta_batch % launch.world_size:
+        larger = -(-config.meta_batch // launch.world_size) * launch.world_size
+        raise UsageError(
+            f"meta_batch={config.meta_batch} is not a multiple of the world size ({launch.world_size} processes): "
+            f"each process takes an equal share of every meta-batch; use meta_batch={larger} or a number of "
+            f"processes that divides {config.meta_batch}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args, config = parse_args(argv)
     explicit = {k[4:] for k in vars(args) if k.startswith("cfg:")} | ({"config"} if args.config else set())
-    run_dir, config = resolve_run(config, args.resume, explicit)
-    device = resolve_device(config.device)
+    run_dir, config = resolve_run(config, args.resume, explicit)  # reads only: no process has written yet
+    launch = from_torchrun(resolve_device(config.device))
+    try:
+        return train_and_evaluate(args, config, run_dir, launch, started)
+    finally:
+        close(launch)
+
+
+def train_and_evaluate(args: argparse.Namespace, config: TrainConfig, run_dir: Path, launch: Launch,
+                       started: float) -> int:
+    check_world_size(config, launch)
+    barrier(launch)  # every process has checked the run directory before rank 0 writes to it
+    say = print if launch.is_main else (lambda *a, **k: None)
+    device = launch.device
     torch.manual_seed(config.perk.seed)
 
-    print(f"perk.train: run {run_dir} on {device}; loading {config.model}", flush=True)
-    model, tokenizer = load_base_model(config.model, dtype=resolve_base_dtype(config.base_dtype, device), device=device)
+    processes = f" ({launch.world_size} processes, {launch.backend})" if launch.distributed else ""
+    say(f"perk.train: run {run_dir} on {device}{processes}; loading {config.model}", flush=True)
+    dtype = from_rank0(resolve_base_dtype(config.base_dtype, device), launch)
+    model, tokenizer = load_base_model(config.model, dtype=dtype, device=device)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
     ftic_adapter = pm.adapted.initial_adapter(torch.Generator().manual_seed(config.perk.seed + 1)).requires_grad_()
 
@@ -287,15 +347,18 @@ def main(argv: list[str] | None = None) -> int:
             restore(pm, ftic_adapter if "ftic" in config.methods else None, checkpoint)
             phase_index = PHASES.index(checkpoint.state["phase"])
             start_step, resume_state = checkpoint.state["phase_step"], checkpoint.state
-            print(f"resuming from {checkpoint.path.name} ({checkpoint.state['phase']} step {start_step})", flush=True)
+            written = checkpoint.state.get("world_size", 1)
+            how = "" if written == launch.world_size == 1 else f"; written by {written}, continued by {launch.world_size} processes"
+            say(f"resuming from {checkpoint.path.name} ({checkpoint.state['phase']} step {start_step}{how})", flush=True)
     train_problems, eval_problems = make_problems(config, tokenizer)
-    print(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems", flush=True)
-    if not args.resume:
-        # Only now: a start that fails (a model that does not fit, a task that cannot generate
-        # these problems) leaves no run behind, so the same --name can be used again.
-        save_resolved_config(run_dir, config)
+    say(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems", flush=True)
     metrics = MetricsLog(run_dir / METRICS)
-    metrics.truncate_after(phase_index, start_step)
+    if launch.is_main:
+        if not args.resume:
+            # Only now: a start that fails (a model that does not fit, a task that cannot generate
+            # these problems) leaves no run behind, so the same --name can be used again.
+            save_resolved_config(run_dir, config, world_size=launch.world_size)
+        metrics.truncate_after(phase_index, start_step)
 
     phases = [perk_phase(pm, config)]
     if "ftic" in config.methods:
@@ -306,18 +369,27 @@ def main(argv: list[str] | None = None) -> int:
         resuming = index == phase_index and resume_state is not None
         run_phase(phase, config=config, problems=train_problems, run_dir=run_dir, metrics=metrics,
                   checkpoint_tensors=lambda: all_tensors(pm, ftic_adapter if "ftic" in config.methods else None),
-                  start_step=start_step if resuming else 0, resume_state=resume_state if resuming else None)
+                  start_step=start_step if resuming else 0, resume_state=resume_state if resuming else None,
+                  launch=launch)
 
-    pm.save_pretrained(run_dir / PERK_DIR)
-    if "ftic" in config.methods:
-        save_ftic_adapter(run_dir, ftic_adapter)
+    if launch.is_main:
+        pm.save_pretrained(run_dir / PERK_DIR)
+        if "ftic" in config.methods:
+            save_ftic_adapter(run_dir, ftic_adapter)
 
-    predictions = evaluate(pm, eval_problems, config.methods, ftic_adapter=ftic_adapter.detach().unsqueeze(0),
+    # Each process answers its share of the held-out problems; rank 0 gathers the predictions.
+    predictions = evaluate(pm, shard(eval_problems, launch), config.methods,
+                           ftic_adapter=ftic_adapter.detach().unsqueeze(0),
                            max_new_tokens=answer_budget(tokenizer, eval_problems, config.max_new_tokens),
-                           batch_size=config.eval_batch)
+                           batch_size=config.eval_batch, progress=launch.is_main)
+    if launch.distributed:
+        shares = gather_lists(predictions, launch)  # per rank: method by method, its problems in order
+        predictions = [p for method in config.methods for share in shares for p in share if p.method == method]
+    if not launch.is_main:
+        return 0
     minutes = (time.perf_counter() - started) / 60
     header = (f"# {config.data.describe()}, {len(eval_problems)} held-out "
-              f"problems\n\nbase model {config.model} on {device}; {config.meta_steps} steps of "
+              f"problems\n\nbase model {config.model} on {device}{processes}; {config.meta_steps} steps of "
               f"{config.meta_batch} problems per method; run {run_dir}; {minutes:.1f} min\n\n")
     _, table = write_results(run_dir, "results", predictions, header=header)
     print("\n" + header + table, flush=True)
