@@ -23,8 +23,10 @@ if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one pytest-xdist worker per core: one intra-op thread each, or the
-    # workers' OpenMP pools oversubscribe the cores and every test slows down.
+    # `make test` runs one pytest-xdist worker per core: one intra-op thread each (and in the
+    # processes tests start), or the OpenMP pools oversubscribe the cores and every test slows
+    # down several times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
