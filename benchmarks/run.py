@@ -78,7 +78,9 @@ def selected(only: str | None) -> dict[str, Path]:
 
 def benchmark_env(sizes: str | None, budget: float | None, command: str) -> dict[str, str]:
     """The environment the suites read (see benchmarks/conftest.py)."""
-    env = dict(os.environ)
+    # The suites' pytest is a session of its own: started from a pytest-xdist worker (the tests do),
+    # the worker's variables would make pytest-benchmark believe it runs under xdist and refuse.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["PERK_BENCH_COMMAND"] = command
     if sizes in ("small", "full"):

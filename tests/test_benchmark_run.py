@@ -19,7 +19,8 @@ ENGINE_FIELDS = {
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # a pytest of its own
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])
     env.pop("PERK_BENCH_DEADLINE", None)
     env.pop("PERK_BENCH_LENGTHS", None)
     return env
