@@ -31,7 +31,7 @@ run: install
 	$(PY) -m perk.train $(if $(wildcard runs/default/config.yaml),--resume)
 
 test: install
-	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only -q $(PYTEST_ARGS)

