@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from perk_kernels._flat_chunk import flat_chunk
 from perk_kernels._utils import (
     check_finite_scalar,
     check_group_offsets,
@@ -56,30 +57,12 @@ CLIP_EPS = 1e-6
 
 
 @triton.jit
-def _chunk(chunks_ptr, n_chunks, P, ALIGN: tl.constexpr):
-    """(adapter, group, row start, start, end, slot) of this program's chunk; start/end are columns."""
-    pid = tl.program_id(0).to(tl.int64)
-    adapter = pid // n_chunks
-    row = chunks_ptr + (pid - adapter * n_chunks) * 4
-    start = tl.load(row + 1)
-    end = tl.load(row + 2)
-    base = adapter * P  # int64: n_adapters·P may exceed 2³¹
-    if ALIGN > 1:
-        # Row starts and both chunk ends on whole vectors: lets the compiler use vector loads
-        # (the tail mask is then constant per vector).
-        start = tl.multiple_of(start, ALIGN)
-        end = tl.multiple_of(end, ALIGN)
-        base = tl.multiple_of(base, ALIGN)
-    return adapter, tl.load(row), base, start, end, tl.load(row + 3)
-
-
-@triton.jit
 def _sq_norm_kernel(
     chunks_ptr, n_chunks, P, G, slots, g_ptr, partial_ptr,
     ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """partial[adapter, slot] = Σ g² over one chunk."""
-    adapter, group, base, start, end, slot = _chunk(chunks_ptr, n_chunks, P, ALIGN)
+    adapter, group, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
     acc = tl.zeros((BLOCK,), dtype=ACC)
     for s in range(start, end, BLOCK):
         offs = s + tl.arange(0, BLOCK)
@@ -94,7 +77,7 @@ def _inner_step_kernel(
     CLIP: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """out = p − lr[a, k] · (clip[a] · g + weight_decay · p) over one chunk (out may be p)."""
-    adapter, group, base, start, end, slot = _chunk(chunks_ptr, n_chunks, P, ALIGN)
+    adapter, group, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
     lr = tl.load(lr_ptr + adapter * G + group).to(ACC)  # lr is a contiguous (n_adapters, G) table
     clip = tl.load(clip_ptr + adapter).to(ACC) if CLIP else 1.0
     for s in range(start, end, BLOCK):
@@ -112,7 +95,7 @@ def _step_dots_kernel(
     NEED_DP: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """dg_partial[adapter, slot] = ⟨d, g⟩ and dp_partial[adapter, slot] = ⟨d, p⟩ over one chunk (d = ∂L/∂out)."""
-    adapter, group, base, start, end, slot = _chunk(chunks_ptr, n_chunks, P, ALIGN)
+    adapter, group, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
     acc_g = tl.zeros((BLOCK,), dtype=ACC)
     acc_p = tl.zeros((BLOCK,), dtype=ACC)
     for s in range(start, end, BLOCK):
@@ -136,7 +119,7 @@ def _step_backward_kernel(
     ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """dparam = d · (1 − lr·wd);  dgrad = −lr · clip · d + coef[a] · g  (coef: clipping's own term)."""
-    adapter, group, base, start, end, slot = _chunk(chunks_ptr, n_chunks, P, ALIGN)
+    adapter, group, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
     # Outputs that are not needed get a valid dummy pointer; they are never written.
     lr = tl.load(lr_ptr + adapter * G + group).to(ACC)
     clip = tl.load(clip_ptr + adapter).to(ACC) if CLIP else 1.0

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from perk_kernels._flat_chunk import flat_chunk
 from perk_kernels._utils import (
     check_group_offsets,
     check_tensor,
@@ -61,17 +62,7 @@ def _meta_grad_chunk_kernel(
     UPDATE_V: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Program (adapter, chunk): partials[adapter, slot] = <g, v> over the chunk; v updated there."""
-    pid = tl.program_id(0).to(tl.int64)
-    adapter = pid // n_chunks
-    row = chunks_ptr + (pid - adapter * n_chunks) * 4
-    start = tl.load(row + 1)
-    end = tl.load(row + 2)
-    base = adapter * P  # int64: n_adapters·P may exceed 2³¹
-    if ALIGN > 1:
-        # Row starts and chunk ends on whole 16-byte vectors: lets the compiler emit vector loads.
-        start = tl.multiple_of(start, ALIGN)
-        end = tl.multiple_of(end, ALIGN)
-        base = tl.multiple_of(base, ALIGN)
+    adapter, _, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
     scale = tl.load(coef_ptr + adapter).to(ACC) if UPDATE_V else 0.0
     acc = tl.zeros((BLOCK,), dtype=ACC)
     for s in range(start, end, BLOCK):
@@ -86,7 +77,7 @@ def _meta_grad_chunk_kernel(
             g_plus = tl.load(g_plus_ptr + offs, mask=mask, other=0.0).to(ACC)
             g_minus = tl.load(g_minus_ptr + offs, mask=mask, other=0.0).to(ACC)
             tl.store(v_ptr + offs, (v_old - scale * (g_plus - g_minus)).to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(partials_ptr + adapter * G * slots + tl.load(row + 3), tl.sum(acc, axis=0))
+    tl.store(partials_ptr + adapter * G * slots + slot, tl.sum(acc, axis=0))
 
 
 @triton.jit
