@@ -149,6 +149,18 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 # --- flat adapter buffers split into tensor groups (lora_inner_step, meta_grad_accumulate) --------
 
 
+def check_like(name: str, t: object, like_name: str, like: torch.Tensor) -> torch.Tensor:
+    """``t`` is a tensor with ``like``'s shape, dtype and device (a flat buffer beside another)."""
+    check_tensor(name, t)
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    return t
+
+
 def check_group_offsets(group_offsets: object, n_params: int) -> tuple[int, ...]:
     """``group_offsets`` as a tuple of G+1 ints from 0 to ``n_params``, non-decreasing, else an error.
 

@@ -38,6 +38,7 @@ from perk_kernels._flat_chunk import flat_chunk
 from perk_kernels._utils import (
     check_finite_scalar,
     check_group_offsets,
+    check_like,
     check_tensor,
     choose_backend,
     chunk_sizes,
@@ -288,15 +289,9 @@ def _lr_table(lr, n_adapters: int, n_groups: int, like: torch.Tensor) -> torch.T
 def _check_inputs(params, grads, lr, group_offsets, weight_decay, max_grad_norm, inplace) -> tuple[int, ...]:
     """Validates every argument (host metadata only, no device sync); returns the offsets as a tuple."""
     check_tensor("params", params, ndim=2)
-    check_tensor("grads", grads, ndim=2)
     if not params.is_floating_point():
         raise TypeError(f"params must be a floating-point tensor, got {params.dtype}")
-    if grads.shape != params.shape:
-        raise ValueError(f"grads must have params' shape {tuple(params.shape)}, got {tuple(grads.shape)}")
-    if grads.dtype != params.dtype:
-        raise TypeError(f"grads must have params' dtype {params.dtype}, got {grads.dtype}")
-    if grads.device != params.device:
-        raise ValueError(f"grads is on {grads.device} but params is on {params.device}")
+    check_like("grads", grads, "params", params)
     offsets = check_group_offsets(group_offsets, params.shape[1])
     n_adapters, n_groups = params.shape[0], len(offsets) - 1
     if isinstance(lr, torch.Tensor):

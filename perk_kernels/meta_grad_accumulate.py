@@ -43,6 +43,7 @@ import triton.language as tl
 from perk_kernels._flat_chunk import flat_chunk
 from perk_kernels._utils import (
     check_group_offsets,
+    check_like,
     check_tensor,
     choose_backend,
     chunk_sizes,
@@ -174,13 +175,7 @@ def _check_inputs(v, g, g_plus, g_minus, coef, lr_grad, group_offsets) -> tuple[
         raise ValueError("g_plus and g_minus must both be given or both be None")
     named = {"g": g} if g_plus is None else {"g": g, "g_plus": g_plus, "g_minus": g_minus}
     for name, t in named.items():
-        check_tensor(name, t)
-        if t.shape != v.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected v's {tuple(v.shape)}")
-        if t.dtype != v.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}; every buffer must have v's {v.dtype}")
-        if t.device != v.device:
-            raise ValueError(f"{name} is on {t.device} but v is on {v.device}")
+        check_like(name, t, "v", v)
     offsets = check_group_offsets(group_offsets, v.shape[1])
     n_adapters, n_groups = v.shape[0], len(offsets) - 1
     if coef is None and g_plus is not None:
