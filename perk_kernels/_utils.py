@@ -153,9 +153,9 @@ def check_like(name: str, t: object, like_name: str, like: torch.Tensor) -> torc
     """``t`` is a tensor with ``like``'s shape, dtype and device (a flat buffer beside another)."""
     check_tensor(name, t)
     if t.shape != like.shape:
-        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
+        raise ValueError(f"{name} must have the shape of {like_name}, {tuple(like.shape)}, got {tuple(t.shape)}")
     if t.dtype != like.dtype:
-        raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {t.dtype}")
+        raise TypeError(f"{name} must have the dtype of {like_name}, {like.dtype}, got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
     return t

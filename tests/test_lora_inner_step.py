@@ -316,8 +316,8 @@ P = sum(SIZES)
 BAD_INPUTS = [
     ("params not a tensor", dict(params=[torch.zeros(3, P)]), TypeError, "params must be a torch.Tensor"),
     ("params 1-d", dict(params=torch.zeros(P), grads=torch.zeros(P)), ValueError, "params must have 2 dimensions"),
-    ("grad shape", dict(grads=torch.zeros(3, P + 1)), ValueError, "grads must have params' shape"),
-    ("grad dtype", dict(grads=torch.zeros(3, P, dtype=torch.float64)), TypeError, "grads must have params' dtype"),
+    ("grad shape", dict(grads=torch.zeros(3, P + 1)), ValueError, "grads must have the shape of params"),
+    ("grad dtype", dict(grads=torch.zeros(3, P, dtype=torch.float64)), TypeError, "grads must have the dtype of params"),
     ("integer params", dict(params=torch.zeros(3, P, dtype=torch.int64)), TypeError, "params must be a floating"),
     ("offsets not ending at P", dict(group_offsets=OFFSETS[:-1]), ValueError, "end at P=529"),
     ("offsets not starting at 0", dict(group_offsets=[1, *OFFSETS[1:]]), ValueError, "start at 0"),
