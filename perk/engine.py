@@ -30,7 +30,7 @@ from perk.config import PerkConfig
 from perk.distributed import group_size, shard_rows
 from perk.inner_loop import PerkStats, inner_loop
 from perk.memory import Memory
-from perk.meta_gradient import meta_gradient
+from perk.meta_gradient import check_outer_loss, meta_gradient
 from perk.segments import TokenBatch, context_segments, question_answer_batch, validate_context
 from perk.weighting import TokenWeighting
 
@@ -246,8 +246,7 @@ class PerkModel:
                 self._token_weights(segments),
             )
             losses = self.adapted.loss_and_grad(answers, phi, grad=False).losses
-        if not losses.isfinite().all():
-            raise FloatingPointError(f"non-finite outer loss {losses.tolist()}")
+        check_outer_loss(losses)
         loss = losses.sum()
         stats.outer_loss, stats.seconds = float(loss), time.perf_counter() - start
         return loss, stats

@@ -82,8 +82,8 @@ def fd_step(phi: torch.Tensor, compute_dtype: torch.dtype, fd_epsilon: float | N
 class MetaGradient:
     """The outer loss's gradient w.r.t. what the inner loop is a function of.
 
-    init: (P,) ∂L/∂θ.  lr: (N, n_adapters, G) ∂L/∂α (per adapter, as :func:`walk_back` gives
-    it; summed over adapters by :func:`meta_gradient`).  token_weights: (rows, seq) ∂L/∂w or None.
+    init: (P,) ∂L/∂θ.  lr: (N, G) ∂L/∂α.  token_weights: (rows, seq) ∂L/∂w or None. θ and α are
+    shared by every adapter, so their gradients are sums over the adapters.
     """
 
     init: torch.Tensor
@@ -165,7 +165,7 @@ def walk_back(
             )
         if weight_decay:
             v.sub_(weight_decay * scaled)
-    return MetaGradient(v.sum(0), lr_grad, token_grad)
+    return MetaGradient(v.sum(0), lr_grad.sum(1), token_grad)
 
 
 def meta_gradient(
@@ -179,18 +179,15 @@ def meta_gradient(
 ) -> tuple[torch.Tensor, MetaGradient, PerkStats]:
     """The outer loss ``Σ answers' weighted NLL`` after the inner loop from ``init`` (P,) with rates
     ``lr`` (N, G) and token weights ``token_weights`` (rows, seq) over ``segments``, and its
-    gradient w.r.t. those three (``MetaGradient.lr`` summed over adapters: (N, G)), by
+    gradient w.r.t. those three, by
     ``config.meta_grad``: the walk back of DESIGN §4 (``fd``, ``first_order``) or autograd
     through the unrolled steps (``exact``). Row r of ``answers`` is asked of adapter r's context.
     """
     warn_adam_constants(config)
     init, lr = init.detach(), lr.detach()
     token_weights = None if token_weights is None else token_weights.detach()
-    if config.meta_grad == "exact":
-        loss, grads, stats = _exact(adapted, config, init, lr, segments, answers, token_weights)
-    else:
-        loss, grads, stats = _walk_back(adapted, config, init, lr, segments, answers, token_weights)
-    return loss, grads, stats
+    mode = _exact if config.meta_grad == "exact" else _walk_back
+    return mode(adapted, config, init, lr, segments, answers, token_weights)
 
 
 def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
@@ -201,7 +198,7 @@ def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
             adapted, config, init, lr, segments, token_weights, record_from=config.inner_steps - unroll
         )
     outer = adapted.loss_and_grad(answers, phi)
-    _check_outer(outer.losses)
+    check_outer_loss(outer.losses)
 
     finite = torch.ones((), dtype=torch.bool, device=adapted.device)  # checked once, after the walk
 
@@ -221,7 +218,7 @@ def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
     if not finite:
         raise FloatingPointError("non-finite inner gradient in a finite-difference pass of the meta-gradient")
     stats.passes += 2 * unroll
-    return outer.losses.sum(), MetaGradient(grads.init, grads.lr.sum(1), grads.token_weights), stats
+    return outer.losses.sum(), grads, stats
 
 
 def _exact(adapted, config, init, lr, segments, answers, token_weights):
@@ -233,12 +230,13 @@ def _exact(adapted, config, init, lr, segments, answers, token_weights):
     with adapted.eager_attention(), adapted.kernel_backend("torch"), torch.enable_grad():
         phi, _, stats = inner_loop(adapted, config, init, lr, segments, token_weights, differentiable=True)
         loss = adapted.loss_and_grad(answers, phi, grad=False).losses.sum()
-        _check_outer(loss.detach().unsqueeze(0))
+        check_outer_loss(loss.detach().unsqueeze(0))
         grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     token_grad = grads[2] if token_weights is not None else None
     return loss.detach(), MetaGradient(grads[0], grads[1], token_grad), stats
 
 
-def _check_outer(losses: torch.Tensor) -> None:
+def check_outer_loss(losses: torch.Tensor) -> None:
+    """FloatingPointError unless every adapter's outer loss is finite (one host sync)."""
     if not losses.isfinite().all():
         raise FloatingPointError(f"non-finite outer loss {losses.tolist()}")
