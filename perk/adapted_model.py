@@ -16,6 +16,7 @@ Losses never materialise logits: the decoder's last hidden states go through
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import perk_kernels
+from perk.attention import SEGMENT_ATTENTION
 from perk.lora import AdapterContext, AdapterLayout, inject_lora
 from perk.segments import IGNORE_INDEX, TokenBatch, prompt_ids
 
@@ -159,8 +161,22 @@ class AdaptedModel:
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the decoder stack (after its final norm): no logits computed."""
-        with _segment_attention(input_ids.device):
+        with self._segment_attention():
             return self.model.base_model(input_ids=input_ids, use_cache=False)[0]
+
+    def _segment_attention(self) -> contextlib.AbstractContextManager:
+        """On a CPU, passes over segments of an SDPA model run :func:`perk.attention.segment_attention`
+        (SmolLM2-135M in bf16, 1K tokens, one inner step: 28 ms of attention per layer with SDPA's
+        math path, 11-13 ms with it), and SDPA's math path for whatever it hands back to SDPA: at
+        segment lengths torch's CPU flash-attention kernel is the slower one (6.5 s against 6.1 s
+        for the same step). Elsewhere, and for eager attention (the exact meta-gradient), nothing changes."""
+        if self.device.type != "cpu" or self.model.config._attn_implementation != "sdpa":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if self._segment_attention_supported:
+            stack.enter_context(self._attention_implementation(SEGMENT_ATTENTION))
+        return stack
 
     def features(self, batch: TokenBatch) -> torch.Tensor:
         """(rows, seq, d_model) base-model hidden states of ``batch``, adapters off, no graph."""
@@ -180,24 +196,39 @@ class AdaptedModel:
         finally:
             self.context.backend = saved
 
-    @contextlib.contextmanager
-    def eager_attention(self):
+    def eager_attention(self) -> contextlib.AbstractContextManager:
         """Run the block with eager (twice-differentiable) attention; restore the model's choice after."""
-        model = self.model
-        current = model.config._attn_implementation
-        if current == "eager":
-            yield
-            return
-        if not hasattr(model, "set_attn_implementation"):
+        current = self.model.config._attn_implementation
+        if current != "eager" and not hasattr(self.model, "set_attn_implementation"):
             raise RuntimeError(
                 f"meta_grad='exact' needs eager attention and this transformers version cannot switch "
-                f"{type(model).__name__} from {current!r}; load the model with attn_implementation='eager'"
+                f"{type(self.model).__name__} from {current!r}; load the model with attn_implementation='eager'"
             )
-        model.set_attn_implementation("eager")
+        return self._attention_implementation("eager")
+
+    @contextlib.contextmanager
+    def _attention_implementation(self, name: str):
+        """Run the block with the model's attention implementation ``name``; restore the current one after."""
+        model = self.model
+        current = model.config._attn_implementation
+        if current == name:
+            yield
+            return
+        model.set_attn_implementation(name)
         try:
             yield
         finally:
             model.set_attn_implementation(current)
+
+    @functools.cached_property
+    def _segment_attention_supported(self) -> bool:
+        """Whether transformers lets this model switch to :data:`SEGMENT_ATTENTION` (an architecture
+        without attention-function support, or an older transformers, keeps SDPA)."""
+        try:
+            with self._attention_implementation(SEGMENT_ATTENTION):
+                return True
+        except (AttributeError, ValueError):
+            return False
 
     # ------------------------------------------------------------------------------------------
     # Prompts and generation
@@ -286,11 +317,3 @@ class AdaptedModel:
             attention_mask[i, width - len(row) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
-
-def _segment_attention(device: torch.device):
-    """SDPA's backend for passes over segments: on CPU its math path. At segment lengths (128 tokens)
-    torch's CPU flash-attention kernel is the slower one, forward and backward: on SmolLM2-135M in
-    bf16 (1K tokens, one step) a pass took 17-22 s with it against 13.5 s with the math path."""
-    if device.type != "cpu":
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
