@@ -13,6 +13,7 @@ step (:class:`InnerStepRecord`, adapter-sized), or build the autograd graph of i
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -116,13 +117,16 @@ class InnerOptimizer:
             if self.first_moment is None:
                 self.first_moment = torch.zeros_like(grad.detach())
                 self.second_moment = torch.zeros_like(grad.detach())
-            moment = beta1 * self.first_moment + (1 - beta1) * grad
-            self.second_moment = beta2 * self.second_moment + (1 - beta2) * grad.detach().square()
+            # Few passes over the (n, P) buffers: on a CPU each is a trip through memory.
+            moment = torch.lerp(grad, self.first_moment, beta1)  # β1·m + (1 − β1)·g, differentiable in g
+            detached = grad.detach()
+            self.second_moment.mul_(beta2).addcmul_(detached, detached, value=1 - beta2)
             self.first_moment = moment.detach()
-            bias1 = 1 - beta1 ** (step + 1)
-            denominator = (self.second_moment / (1 - beta2 ** (step + 1))).sqrt_().add_(self.eps)
-            direction = moment / (bias1 * denominator)
-            precondition = (1 - beta1) / (bias1 * denominator)
+            bias1, bias2 = 1 - beta1 ** (step + 1), 1 - beta2 ** (step + 1)
+            # bias1·(√(v / bias2) + ε), the whole denominator of d = m / (bias1·(√v̂ + ε)).
+            denominator = self.second_moment.sqrt().mul_(bias1 / math.sqrt(bias2)).add_(bias1 * self.eps)
+            direction = moment / denominator
+            precondition = (1 - beta1) / denominator if unrolled and record else None  # ∂d/∂g
         if self.weight_decay:
             direction = direction + self.weight_decay * phi
         if not record:
@@ -196,7 +200,8 @@ def inner_loop(
         if group is not None:  # this rank's share of the sums → the whole sums, before anything reads them
             grad, step_losses = all_reduce_sum_([grad, step_losses], group)
         step_lr = lr[n].unsqueeze(0).expand(n_adapters, -1)
-        nonfinite[n] = ~(step_losses.isfinite() & grad.isfinite().all(1))
+        # A row sum is non-finite where any element is (or where finite ones overflow, a step as unusable).
+        nonfinite[n] = ~(step_losses.isfinite() & grad.sum(1).isfinite())
         if config.on_nonfinite == "skip":  # a zero step for those adapters
             keep = ~nonfinite[n].unsqueeze(1)
             grad, step_lr = torch.where(keep, grad, 0.0), step_lr * keep.to(step_lr.dtype)

@@ -332,7 +332,7 @@ def lora_inner_step_reference(
         lr_full = expand_group_table(_lr_table(lr, n_adapters, len(group_offsets) - 1, params), group_offsets)
         lr_full = lr_full.to(params.dtype)
     else:
-        lr_full = float(lr)
+        lr_full = torch.tensor(float(lr), dtype=params.dtype, device=params.device)
     g_eff = grads
     if max_grad_norm is not None:
         # Norms in at least fp32 (bf16 squares would overflow / lose precision), fp64 for fp64.
@@ -344,12 +344,12 @@ def lora_inner_step_reference(
         norm = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
         clip = (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
         g_eff = grads * clip.unsqueeze(1).to(grads.dtype)
-    update = lr_full * (g_eff + weight_decay * params) if weight_decay else lr_full * g_eff
+    if weight_decay:
+        g_eff = g_eff + weight_decay * params
     if inplace:
         with torch.no_grad():
-            params.sub_(update)
-        return params
-    return params - update
+            return params.addcmul_(lr_full, g_eff, value=-1)
+    return torch.addcmul(params, lr_full, g_eff, value=-1)
 
 
 def lora_inner_step(
