@@ -1,5 +1,7 @@
 """fused_linear_cross_entropy (Triton path, interpreter on CPU) against the plain-torch reference."""
 
+import sys
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ from perk_kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 
+# The module (the package's attribute of that name is the function).
+fle = sys.modules["perk_kernels.fused_linear_cross_entropy"]
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 IGNORE = -100
@@ -161,6 +165,29 @@ def test_torch_backend_in_bf16_matches_the_fp32_reference():
     assert loss.dtype == torch.float32 and h16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss, ref_loss, atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(h16.grad.float(), ref_grad, atol=1e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_row_operations_in_slices_of_a_few_rows(monkeypatch, dtype):
+    # The torch row operations take a chunk a few rows at a time (cache-sized on a CPU): a slice
+    # size that does not divide the chunk, with head gradients (the recomputed dlogits) too.
+    monkeypatch.setattr(fle, "_ROW_SLICE_BYTES", 3 * 1000 * 4)
+    assert len(fle._row_slices(torch.empty(10, 1000, dtype=dtype))) == 4
+    hidden, weight, bias, labels = make_problem(40, 16, 1000, device="cpu", with_bias=True)
+    upstream = torch.randn(40)
+    inputs = [t.to(dtype).requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = fused_linear_cross_entropy(
+        inputs[0], inputs[1], labels, bias=inputs[2], ignore_index=IGNORE, chunk_size=16, backend="torch"
+    )
+    grads = torch.autograd.grad((loss * upstream).sum(), inputs)
+    ref_loss, ref_grads = loss_and_grads(
+        fused_linear_cross_entropy_reference, *(t.to(dtype).requires_grad_(True) for t in (hidden, weight)),
+        inputs[2].detach().requires_grad_(True), labels, upstream,
+    )
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, ref_loss.float(), **tolerance)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.float(), ref_grad.float(), **tolerance)
 
 
 def test_default_chunk_size_is_a_power_of_two_bounded_by_rows():
