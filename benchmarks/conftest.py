@@ -17,10 +17,12 @@ Memory (``extra_info["memory_method"]`` says which):
   the free memory glibc keeps back to the OS, so that what the call allocates shows up in RSS
   (already-resident free pages would hide it). ``peak_memory_bytes`` counts the whole process
   (model, Python, libraries); ``peak_extra_bytes`` (above the RSS at the call's start) is the
-  comparable figure. glibc's allocator is otherwise left as a user's process has it: pinning its
-  mmap threshold low (this harness's earlier method) returned every freed tensor to the OS and made
-  the next one fault its pages in again, which added 16 s of system time to a 1K-token encode
-  (perk 41 s against 24 s; the naive PEFT baseline 56 s against 40 s).
+  comparable figure. glibc's allocator is otherwise left as a user's process has it, so the peak
+  also counts the free memory glibc keeps. ``PERK_BENCH_CPU_MALLOC=pinned`` pins its mmap threshold
+  at 128 KiB instead (this harness's method before 2026-12-02): every freed tensor then leaves RSS
+  and the peak counts live tensors, but the next one faults its pages in again, which added 16 s to
+  a 1K-token encode (perk 41 s against 24 s; the naive PEFT baseline 56 s against 40 s): a pinned
+  run is for memory, not time.
 
 CUDA work is synchronised inside the timed function. A CUDA (or CPU allocator) out-of-memory error
 is recorded as ``status="oom"`` with a meaningless no-op timing, and larger sizes of the same
@@ -82,10 +84,21 @@ PERK_DTYPE = resolve_base_dtype("auto", DEVICE) if SIZE == "cpu" else MODEL_DTYP
 # perk's engine: the Triton kernels on CUDA; the torch reference on CPU, where the automatic
 # choice would be Triton's (slow) interpreter because TRITON_INTERPRET is set above.
 ENGINE_BACKEND = None if CUDA else "torch"
+# CPU: ``PERK_BENCH_CPU_MALLOC=pinned`` pins glibc's mmap threshold at 128 KiB, so that every freed
+# tensor above it leaves RSS at once: the peak then counts live tensors, not the free memory glibc
+# keeps (which grows with the number of micro-batches), but every large tensor faults its pages in
+# anew, so such a run's times are not the product's. ``default`` (the default) leaves glibc alone.
+CPU_MALLOC = os.environ.get("PERK_BENCH_CPU_MALLOC") or "default"
+if CPU_MALLOC not in ("default", "pinned"):
+    raise ValueError(f"PERK_BENCH_CPU_MALLOC must be 'default' or 'pinned', got {CPU_MALLOC!r}")
+if not CUDA and CPU_MALLOC == "pinned":
+    _M_MMAP_THRESHOLD = -3
+    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 MEMORY_METHOD = (
     "torch.cuda.max_memory_allocated over the call (absolute, model weights included)"
     if CUDA
-    else "peak RSS of the process over the call (VmHWM after malloc_trim(0) and a /proc/self/clear_refs reset)"
+    else "peak RSS of the process over the call (VmHWM after malloc_trim(0) and a /proc/self/clear_refs reset; "
+    f"glibc malloc {CPU_MALLOC})"
 )
 # GPU: sizes predicted under this many seconds get a warm-up call and ROUNDS_FAST rounds;
 # slower ones a single cold round (Triton kernels are compiled by a series' first, small size).
