@@ -21,8 +21,8 @@ Memory (``extra_info["memory_method"]`` says which):
   also counts the free memory glibc keeps. ``PERK_BENCH_CPU_MALLOC=pinned`` pins its mmap threshold
   at 128 KiB instead (this harness's method before 2026-12-02): every freed tensor then leaves RSS
   and the peak counts live tensors, but the next one faults its pages in again, which added 16 s to
-  a 1K-token encode (perk 41 s against 24 s; the naive PEFT baseline 56 s against 40 s): a pinned
-  run is for memory, not time.
+  a 1K-token encode (perk 40.8 s against 22.8 s; the naive PEFT baseline 56.4 s against 36.6 s): a
+  pinned run is for memory, not time.
 
 CUDA work is synchronised inside the timed function. A CUDA (or CPU allocator) out-of-memory error
 is recorded as ``status="oom"`` with a meaningless no-op timing, and larger sizes of the same
