@@ -332,7 +332,7 @@ def lora_inner_step_reference(
         lr_full = expand_group_table(_lr_table(lr, n_adapters, len(group_offsets) - 1, params), group_offsets)
         lr_full = lr_full.to(params.dtype)
     else:
-        lr_full = torch.tensor(float(lr), dtype=params.dtype, device=params.device)
+        lr_full = params.new_full((), float(lr))  # a fill, not a host-to-device copy
     g_eff = grads
     if max_grad_norm is not None:
         # Norms in at least fp32 (bf16 squares would overflow / lose precision), fp64 for fp64.
