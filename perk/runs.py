@@ -120,6 +120,7 @@ class TrainConfig:
             raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {self.methods}")
         if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}")
+        check_run_name(self.name)
         for name in ("meta_steps", "meta_batch", "checkpoint_every", "keep_checkpoints", "max_new_tokens", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -128,6 +129,31 @@ class TrainConfig:
         # A negative clip norm would flip every gradient (ascent), a NaN rate poison the checkpoints.
         for name in ("meta_lr", "inner_lr_meta_lr", "ftic_lr", "max_grad_norm"):
             check_positive(name, getattr(self, name))
+
+
+RUN_NAME_PUNCTUATION = "._-+=@,"
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one plain folder name: letters, digits and ``._-+=@,``, starting with a letter or
+    digit (so never ``.``, ``..``, a path, an absolute path, empty, or with a newline): the run
+    directory ``<runs_dir>/<name>`` then cannot be outside ``runs_dir``."""
+    plain = name[:1].isalnum() and all(c.isalnum() or c in RUN_NAME_PUNCTUATION for c in name)
+    if not plain or len(name) > 128 or not name.isprintable():
+        raise ValueError(
+            f"name must be one plain folder name (letters, digits and {RUN_NAME_PUNCTUATION}, starting with a "
+            f"letter or digit, at most 128 characters), got {name!r}"
+        )
+
+
+def run_directory(config: TrainConfig) -> Path:
+    """``<runs_dir>/<name>``, refused (UsageError) where it would resolve outside ``runs_dir`` (a
+    symlink planted in its place)."""
+    runs = Path(config.runs_dir)
+    run_dir = runs / config.name
+    if run_dir.resolve().parent != runs.resolve():
+        raise UsageError(f"{run_dir} resolves to {run_dir.resolve()}, outside runs_dir {runs}: refusing to use it")
+    return run_dir
 
 
 def gpu_defaults() -> TrainConfig:

@@ -76,6 +76,7 @@ from perk.runs import (
     gpu_defaults,
     read_run_config,
     resolve_device,
+    run_directory,
     save_ftic_adapter,
     save_resolved_config,
 )
@@ -113,7 +114,7 @@ def _peek_device(argv: list[str] | None) -> str:
 def resolve_run(config: TrainConfig, resume: bool, explicit_keys: set[str]) -> tuple[Path, TrainConfig]:
     """The run directory and its config: the saved one when resuming. A new run never reuses the
     directory of another (nothing previously written is overwritten)."""
-    run_dir = Path(config.runs_dir) / config.name
+    run_dir = run_directory(config)
     saved = run_dir / RESOLVED_CONFIG
     if resume:
         if not saved.is_file():

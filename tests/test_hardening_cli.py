@@ -178,6 +178,57 @@ def test_a_non_finite_step_stops_before_updating_or_checkpointing(tmp_path):
     assert torch.equal(weight.detach(), torch.ones(3)) and not (tmp_path / "checkpoints").exists()
 
 
+# --- issue 29, high: no code from a checkpoint, no run outside its folder ---------------------------
+
+
+def test_resume_refuses_a_planted_pickle_with_one_line(run, capsys):
+    """A state.pt pickle whose manifest matches (both writable by whoever can write the run) is
+    never unpickled: one line, exit 1, the payload not run."""
+    import hashlib
+    import io
+    import pathlib
+
+    class RunsCode:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (run / "pwned",))
+
+    newest = save_checkpoint(run, 1, {}, {"phase": "perk", "phase_step": 1})
+    buffer = io.BytesIO()
+    torch.save({"phase": "perk", "phase_step": 1, "step": 1, "payload": RunsCode()}, buffer)
+    (newest / "state.pt").write_bytes(buffer.getvalue())
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["sha256"]["state.pt"] = hashlib.sha256(buffer.getvalue()).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    code = run_main(perk_train.main, ["--resume", "--name", "run", "--runs_dir", str(run.parent)], prog="perk.train")
+    one_line_error(capsys, code, "state.pt", "pickle")
+    assert not (run / "pwned").exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "../escape", "<absolute>", "a/b", "new\nline", " lead", "-x"])
+def test_a_run_name_is_one_plain_folder_name(tiny_model_dir, tmp_path, capsys, name):
+    runs = tmp_path / "repo" / "runs"
+    runs.mkdir(parents=True)
+    (tmp_path / "repo" / "perk").mkdir()
+    (tmp_path / "repo" / "perk" / "__init__.py").write_text("source")
+    if name == "<absolute>":  # inside tmp_path, so that a regression writes nothing outside it
+        name = str(tmp_path / "absolute")
+    argv = tiny_args(tiny_model_dir, runs) + [f"--name={name}"]
+    one_line_error(capsys, run_main(perk_train.main, argv, prog="perk.train"), "name must be one plain folder name")
+    assert {p.name for p in (tmp_path / "repo").iterdir()} == {"runs", "perk"}
+    assert not (tmp_path / "absolute").exists()
+    assert list(runs.iterdir()) == [] and (tmp_path / "repo" / "perk" / "__init__.py").read_text() == "source"
+
+
+def test_a_run_directory_that_resolves_outside_runs_dir_is_refused(tiny_model_dir, tmp_path, capsys):
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    runs.mkdir()
+    elsewhere.mkdir()
+    (runs / "run").symlink_to(elsewhere)
+    code = run_main(perk_train.main, tiny_args(tiny_model_dir, runs), prog="perk.train")
+    one_line_error(capsys, code, "outside runs_dir")
+    assert list(elsewhere.iterdir()) == []
+
+
 # --- 6. a torn last line of metrics.jsonl -----------------------------------------------------------
 
 
