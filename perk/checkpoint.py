@@ -26,6 +26,7 @@ import random
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,11 +258,19 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(step=step, path=path, tensors=tensors, state=state)
 
 
-def load_latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies, warning about every newer one that does not."""
+def load_latest_checkpoint(run_dir: str | Path, check_state: Callable[[dict], None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies, warning about every newer one that does not;
+    ``check_state`` (a ValueError for a state the caller cannot resume from, e.g. one missing
+    keys) is part of verifying."""
     for path in sorted(checkpoint_dir(run_dir).glob("step-*"), reverse=True):
         try:
-            return read_checkpoint(path)
+            checkpoint = read_checkpoint(path)
+            if check_state is not None:
+                try:
+                    check_state(checkpoint.state)
+                except ValueError as err:
+                    raise CorruptCheckpoint(f"{path}: matches its checksums but its state {err}") from None
+            return checkpoint
         except CorruptCheckpoint as err:
             warnings.warn(f"skipping checkpoint {err}; falling back to the previous one", stacklevel=2)
     return None

@@ -20,6 +20,7 @@ and no collective is ever called: the single-process code path is unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,9 +58,21 @@ class Launch:
 SINGLE_PROCESS = Launch()
 
 
+def _environment_int(name: str, default: str | None = None) -> int:
+    """A torchrun environment variable as a non-negative int; ValueError naming it otherwise (set
+    by hand without the others, or malformed)."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {name} is not: start the processes with "
+                         "torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK together (or unset WORLD_SIZE)")
+    if not text.strip().isdigit():
+        raise ValueError(f"{name}={text!r} is not a process count or index")
+    return int(text)
+
+
 def torchrun_world_size() -> int:
     """``WORLD_SIZE`` of the torchrun environment (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _environment_int("WORLD_SIZE", "1")
 
 
 def from_torchrun(device: str) -> Launch:
@@ -69,7 +82,9 @@ def from_torchrun(device: str) -> Launch:
     world_size = torchrun_world_size()
     if world_size <= 1:
         return Launch(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _environment_int("RANK"), _environment_int("LOCAL_RANK", "0")
+    if rank >= world_size:
+        raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world_size}")
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         device, backend = f"cuda:{local_rank}", "nccl"
@@ -164,6 +179,20 @@ def gather_lists(items: list, launch: Launch) -> list[list]:
     gathered: list = [None] * launch.world_size
     dist.all_gather_object(gathered, items)
     return gathered
+
+
+def check_same_everywhere(what: str, text: str, launch: Launch) -> None:
+    """ValueError on every rank unless ``text`` (``what``, e.g. a resolved config) is the same on all
+    of them: one all-gather of its SHA-256. Processes started with different options would otherwise
+    fail in a collective of mismatched shapes or, worse, silently train with different seeds or rates."""
+    if not launch.distributed:
+        return
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    digests = gather_lists([digest], launch)
+    differing = [rank for rank, (other,) in enumerate(digests) if other != digests[0][0]]
+    if differing:
+        raise ValueError(f"{what} differs between the processes (rank{'s' if len(differing) > 1 else ''} "
+                         f"{', '.join(map(str, differing))} vs rank 0): give every process the same options")
 
 
 def from_rank0(value, launch: Launch):

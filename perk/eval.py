@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     generating = args.task is not None or args.lengths is not None or args.depths is not None
     if data_file is None and data.eval_file and not generating:
         data_file = Path(data.eval_file)
+        if not data_file.is_file():  # a run is used without its data: only this default needs it
+            raise UsageError(f"the run's data.eval_file {data_file} no longer exists: pass --data FILE, or --task to "
+                             "generate problems")
     if data_file is not None:
         problems = read_problems(data_file)
         if not problems:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from perk.adapted_model import AdaptedModel
 from perk.engine import PerkModel
 from perk.report import Prediction
-from perk.segments import TokenBatch, answer_text, build_prompt, rows_to_batch
+from perk.segments import TokenBatch, answer_text, prompt_token_ids, rows_to_batch, text_ids
 from perk.tasks import answer_part, exact_match, f1
 
 METHODS = ("perk", "zeroshot", "ftic")
@@ -48,11 +48,11 @@ def context_prompt(adapted: AdaptedModel, problem, reserve: int) -> tuple[list[i
     documents = problem["context"]
     context = "\n".join(documents) if isinstance(documents, (list, tuple)) else documents
     budget = adapted.window - reserve
-    overhead = len(tokenizer(build_prompt(tokenizer, question, context=""), add_special_tokens=False)["input_ids"])
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    overhead = len(prompt_token_ids(tokenizer, question, context=""))
+    context_ids = text_ids(tokenizer, context)
     truncated = False
     while True:
-        ids = tokenizer(build_prompt(tokenizer, question, context=context), add_special_tokens=False)["input_ids"]
+        ids = prompt_token_ids(tokenizer, question, context=context)
         if len(ids) <= budget:
             return ids, truncated
         # Keep the most recent context tokens that fit; re-tokenising decoded text can shift a
@@ -72,7 +72,7 @@ def ftic_batch(adapted: AdaptedModel, problems: list[dict]) -> TokenBatch:
     tokenizer = adapted.tokenizer
     rows, targets = [], []
     for problem in problems:
-        target = tokenizer(answer_text(tokenizer, problem["answer"]), add_special_tokens=False)["input_ids"]
+        target = text_ids(tokenizer, answer_text(tokenizer, problem["answer"]))
         target = target + [tokenizer.eos_token_id]
         prompt, _ = context_prompt(adapted, problem, reserve=len(target))
         rows.append(prompt + target)
@@ -93,7 +93,7 @@ def choice_log_likelihoods(
     """(n_choices,) log p(choice + eos | prompt) under the base model (+ ``adapter`` (1, P))."""
     tokenizer = adapted.tokenizer
     eos = tokenizer.eos_token_id
-    targets = [tokenizer(answer_text(tokenizer, c), add_special_tokens=False)["input_ids"] + [eos] for c in choices]
+    targets = [text_ids(tokenizer, answer_text(tokenizer, c)) + [eos] for c in choices]
     rows = [prompt + t for t in targets]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), adapted.filler_id, dtype=torch.int64)
@@ -117,8 +117,29 @@ def answer_budget(tokenizer, problems: Sequence[dict], max_new_tokens: int) -> i
     targets = [p["answer"] for p in problems if "<output>" in p["answer"]]
     if not targets:
         return max_new_tokens
-    longest = max(len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"])
+    longest = max(len(ids) for ids in text_ids(tokenizer, targets))
     return max(max_new_tokens, longest + 2)
+
+
+# The prompt-based methods keep this many tokens free beyond the answer length limit (context_prompt).
+PROMPT_SLACK = 8
+
+
+def check_fits_window(adapted: AdaptedModel, problem: dict, *, answer_tokens: int | None) -> None:
+    """ValueError unless ``problem`` fits the model window in every method: its question prompt
+    (with an empty context, as the prompt-based methods start, the longest) followed by its answer
+    and eos (``answer_tokens`` None: a training problem), or by ``answer_tokens`` generated tokens
+    and the prompt-based methods' slack (an evaluated one)."""
+    tokenizer = adapted.tokenizer
+    prompt = len(prompt_token_ids(tokenizer, problem["question"], context=""))
+    if answer_tokens is None:
+        answer = len(text_ids(tokenizer, answer_text(tokenizer, problem["answer"]))) + 1
+        if prompt + answer > adapted.window:
+            raise ValueError(f"question + answer are {prompt} + {answer} tokens, longer than the model window "
+                             f"({adapted.window})")
+    elif prompt + answer_tokens + PROMPT_SLACK > adapted.window:
+        raise ValueError(f"the question is {prompt} tokens as a prompt: with an answer of up to {answer_tokens} tokens "
+                         f"(and {PROMPT_SLACK} spare) it does not fit the model window ({adapted.window})")
 
 
 def _scored(method: str, problem: dict, text: str, choice: str | None, truncated: bool) -> Prediction:
@@ -163,7 +184,7 @@ def evaluate_prompted(adapted: AdaptedModel, problems: Sequence[dict], *, method
     """The context in the prompt, answered by the base model (+ ``adapter`` for FT-ICR)."""
     predictions = []
     for problem in problems:
-        prompt, truncated = context_prompt(adapted, problem, reserve=max_new_tokens + 8)
+        prompt, truncated = context_prompt(adapted, problem, reserve=max_new_tokens + PROMPT_SLACK)
         text = adapted.generate([prompt], adapter, max_new_tokens=max_new_tokens)[0]
         choice = None
         if problem.get("choices"):

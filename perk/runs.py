@@ -16,8 +16,12 @@ The command-line tools (train, eval, encode, check_meta_grad) share this module,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,7 @@ RESOLVED_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 PERK_DIR = "perk"
 FTIC_ADAPTER = "ftic_adapter.safetensors"
+LOCK = "lock"  # held (flock) by the perk.train writing the run; holds its pid
 PHASES = ("perk", "ftic")  # the optimisation phases of a run, in order
 
 
@@ -79,9 +84,13 @@ class DataConfig:
         for name in ("context_tokens", "train_problems", "eval_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+    def check_files(self) -> None:
+        """The dataset files exist (UsageError otherwise). Checked where they are read (perk.train),
+        not when a run's config is loaded: a finished run is used without its training data."""
         for name in ("train_file", "eval_file"):
             if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
-                raise ValueError(f"data.{name}: no such file: {getattr(self, name)}")
+                raise UsageError(f"data.{name}: no such file: {getattr(self, name)}")
 
     def describe(self) -> str:
         """What the problems are, for the results' header."""
@@ -154,6 +163,56 @@ def run_directory(config: TrainConfig) -> Path:
     if run_dir.resolve().parent != runs.resolve():
         raise UsageError(f"{run_dir} resolves to {run_dir.resolve()}, outside runs_dir {runs}: refusing to use it")
     return run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, launch: Launch) -> Iterator[None]:
+    """One writer per run: rank 0 holds an exclusive ``flock`` on ``<run_dir>/lock`` for the life of
+    the block; a second perk.train of the same run gets a UsageError naming the holder's pid (every
+    rank of it: rank 0's verdict is broadcast). The operating system releases the lock when its
+    holder exits, however it ends (a kill included), so a crash never leaves a stale lock behind.
+    A run that wrote nothing else leaves no folder behind (its name stays usable)."""
+    handle, error, created = None, None, False
+    if launch.is_main:
+        created = not run_dir.exists()
+        handle, error = _take_lock(run_dir)
+    error = from_rank0(error, launch)
+    if error is not None:
+        raise UsageError(error)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            if [p.name for p in run_dir.iterdir()] == [LOCK]:  # still held: no one else can be using it
+                (run_dir / LOCK).unlink()
+                if created:
+                    run_dir.rmdir()
+            handle.close()  # releases the lock
+
+
+def _take_lock(run_dir: Path):
+    """(open lock file holding the lock, None) or (None, why not)."""
+    while True:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            return None, (f"{run_dir} is in use by another perk.train (pid {holder}); wait for it to end, or pass "
+                          "another --name")
+        try:
+            same = os.stat(run_dir / LOCK).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its last holder removed (see run_lock) while this one opened it
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle, None
+        handle.close()
 
 
 def gpu_defaults() -> TrainConfig:

@@ -150,9 +150,7 @@ def context_segments(
     for index, context in enumerate(contexts):
         documents = validate_context(context, name="context" if len(contexts) == 1 else f"context[{index}]")
         # verbose=False: documents longer than the model window are expected here (they get split).
-        tokenised = tokenizer([d + DOCUMENT_SEPARATOR for d in documents], add_special_tokens=False, verbose=False)[
-            "input_ids"
-        ]
+        tokenised = text_ids(tokenizer, [d + DOCUMENT_SEPARATOR for d in documents], verbose=False)
         segments = pack_documents(tokenised, segment_len)
         rows += segments
         adapters += [index] * len(segments)
@@ -160,17 +158,27 @@ def context_segments(
     return rows_to_batch(rows, targets, adapters, len(contexts), _pad_id(tokenizer, pad_id))
 
 
-def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, context: str | None = None) -> str:
-    """The prompt text for ``question``: the chat template's user turn when the tokenizer has one,
-    else ``"Question: …\\nAnswer:"``. With ``context``, it is placed before the question (the
-    prompt-based baselines use this; PERK itself answers without the context)."""
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str | list[str], **kwargs) -> list[int] | list[list[int]]:
+    """Token ids of data text (documents, questions, answers), no special tokens added and none
+    parsed: a ``<|im_end|>`` written in a question or a document is text, never the control token
+    that would close the chat turn."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)["input_ids"]
+
+
+def _user_turn(question: str, context: str | None) -> str:
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
     if not question.strip():
         raise ValueError("question is empty or whitespace only")
     body = f"Question: {question}"
-    if context is not None:
-        body = f"{context}\n\n{body}"
+    return body if context is None else f"{context}\n\n{body}"
+
+
+def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, context: str | None = None) -> str:
+    """The prompt text for ``question``: the chat template's user turn when the tokenizer has one,
+    else ``"Question: …\\nAnswer:"``. With ``context``, it is placed before the question (the
+    prompt-based baselines use this; PERK itself answers without the context)."""
+    body = _user_turn(question, context)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": body}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -182,9 +190,21 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, answer: str) -> str:
     return answer if getattr(tokenizer, "chat_template", None) else f" {answer}"
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, question: str, context: str | None = None) -> list[int]:
+    """Token ids of :func:`build_prompt`: the template's markup with its control tokens, the
+    question and context (data) as text only (:func:`text_ids`)."""
+    body = _user_turn(question, context)
+    text = build_prompt(tokenizer, question, context)
+    start = text.find(body)
+    if start < 0:
+        raise ValueError("the tokenizer's chat template does not insert the user's message verbatim")
+    markup = tokenizer([text[:start], text[start + len(body) :]], add_special_tokens=False)["input_ids"]
+    return markup[0] + text_ids(tokenizer, body) + markup[1]
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, max_len: int) -> list[int]:
     """Token ids of the prompt of ``question``, or a ValueError when longer than ``max_len``."""
-    ids = tokenizer(build_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    ids = prompt_token_ids(tokenizer, question)
     if len(ids) > max_len:
         raise ValueError(f"question is {len(ids)} tokens as a prompt, longer than the model window ({max_len})")
     return ids
@@ -209,7 +229,7 @@ def question_answer_batch(
         if not isinstance(answer, str):
             raise TypeError(f"answer must be a str, got {type(answer).__name__}")
         prompt = prompt_ids(tokenizer, question, max_len)
-        target = tokenizer(answer_text(tokenizer, answer), add_special_tokens=False)["input_ids"] + [eos]
+        target = text_ids(tokenizer, answer_text(tokenizer, answer)) + [eos]
         if len(prompt) + len(target) > max_len:
             raise ValueError(
                 f"problem {i}: question + answer are {len(prompt) + len(target)} tokens, "

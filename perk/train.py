@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from perk.checkpoint import (
@@ -49,6 +50,7 @@ from perk.cli import (
     UsageError,
     add_config_arguments,
     build_config,
+    config_to_dict,
     run_main,
 )
 from perk.distributed import (
@@ -56,6 +58,7 @@ from perk.distributed import (
     Launch,
     all_reduce_mean,
     barrier,
+    check_same_everywhere,
     close,
     from_rank0,
     from_torchrun,
@@ -63,7 +66,8 @@ from perk.distributed import (
     shard,
 )
 from perk.engine import PerkModel, load_tensors
-from perk.methods import answer_budget, evaluate, ftic_batch, ftic_loss_and_grad
+from perk.adapted_model import AdaptedModel
+from perk.methods import answer_budget, check_fits_window, evaluate, ftic_batch, ftic_loss_and_grad
 from perk.models import load_base_model, resolve_base_dtype
 from perk.report import write_results
 from perk.runs import (
@@ -77,10 +81,11 @@ from perk.runs import (
     read_run_config,
     resolve_device,
     run_directory,
+    run_lock,
     save_ftic_adapter,
     save_resolved_config,
 )
-from perk.tasks import generate, read_problems, with_support_target
+from perk.tasks import generate, read_located_problems, with_support_target
 
 # ----------------------------------------------------------------------------------------------
 # The command line and the run directory
@@ -100,7 +105,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     defaults = gpu_defaults() if device == "cuda" else TrainConfig()
     add_config_arguments(parser, TrainConfig, defaults)
     args = parser.parse_args(argv)
-    return args, build_config(TrainConfig, args, defaults)
+    config = build_config(TrainConfig, args, defaults)
+    config.data.check_files()
+    return args, config
 
 
 def _peek_device(argv: list[str] | None) -> str:
@@ -123,7 +130,9 @@ def resolve_run(config: TrainConfig, resume: bool, explicit_keys: set[str]) -> t
             raise UsageError(
                 f"--resume continues with the saved config; drop {', '.join(sorted(explicit_keys - {'name', 'runs_dir'}))}"
             )
-        return run_dir, read_run_config(run_dir)
+        saved_config = read_run_config(run_dir)
+        saved_config.data.check_files()
+        return run_dir, saved_config
     if saved.is_file():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
     return run_dir, config
@@ -170,6 +179,9 @@ class Phase:
     # The size of a share of a batch in the unit the loss averages over (problems by default):
     # what each process's mean is weighted by when the processes' gradients are all-reduced.
     weight: Callable[[list[dict]], float] = len
+    # The loss of a uniform prediction, ln(vocabulary size), where a step that reaches it with a
+    # zero gradient means the inner loop destroyed the model (see check_not_collapsed); None: no check.
+    uniform_loss: float | None = None
 
 
 def make_optimizer(phase: Phase, config: TrainConfig):
@@ -196,9 +208,13 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
     logs and checkpoints."""
     optimizer, scheduler = make_optimizer(phase, config)
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        set_rng_state(resume_state["rng"])
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            set_rng_state(resume_state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"--resume: the checkpoint's {phase.name} optimizer state does not load "
+                             f"({type(err).__name__}: {err}); start a new run (--name)") from None
     params = list(phase.params.values())
     bar = tqdm(total=config.meta_steps, initial=start_step, desc=phase.name, unit="step", dynamic_ncols=True,
                **({} if launch.is_main else {"disable": True}))
@@ -218,6 +234,7 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
                 f"{phase.name} step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                 "lower the learning rates or max_grad_norm"
             )
+        check_not_collapsed(phase, step, loss, grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -240,6 +257,21 @@ def run_phase(phase: Phase, *, config: TrainConfig, problems: list[dict], run_di
     bar.close()
 
 
+def check_not_collapsed(phase: Phase, step: int, loss: float, grad_norm: float) -> None:
+    """Stop a run whose inner loop collapsed: inner steps so large (``perk.inner_lr``,
+    ``perk.inner_weight_decay``) that the adapted model predicts the uniform distribution, whose loss
+    is ln(vocabulary size) whatever the meta-parameters are, so the meta-gradient is exactly zero and
+    meta-training would go on for nothing (before the step: the last checkpoint stays a good one)."""
+    if phase.uniform_loss is None or grad_norm != 0.0:
+        return
+    if abs(loss - phase.uniform_loss) <= 1e-3 * phase.uniform_loss:
+        raise FloatingPointError(
+            f"{phase.name} step {step}: the inner loop collapsed: the meta-loss is {loss:.4f}, the loss of a uniform "
+            f"prediction (ln of the {math.exp(phase.uniform_loss):.0f}-token vocabulary), with a zero meta-gradient, so "
+            "nothing can be learned; lower perk.inner_lr or perk.inner_weight_decay"
+        )
+
+
 def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
     def loss_and_grads(batch: list[dict]):
         loss, grads, stats = pm.meta_gradient(batch)
@@ -253,7 +285,8 @@ def perk_phase(pm: PerkModel, config: TrainConfig) -> Phase:
 
     params = pm.meta_parameters()
     lrs = {name: config.inner_lr_meta_lr if name == "inner_lr_log" else config.meta_lr for name in params}
-    return Phase("perk", params, lrs, loss_and_grads)
+    vocab = pm.adapted.model.get_output_embeddings().weight.shape[0]
+    return Phase("perk", params, lrs, loss_and_grads, uniform_loss=math.log(vocab))
 
 
 def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Phase:
@@ -267,26 +300,53 @@ def ftic_phase(pm: PerkModel, adapter: torch.Tensor, config: TrainConfig) -> Pha
     return Phase("ftic", {"adapter": adapter}, {"adapter": config.ftic_lr}, loss_and_grads, answer_tokens)
 
 
+def resumable_state(config: TrainConfig) -> Callable[[dict], None]:
+    """The check of a checkpoint's state before resuming from it (a ValueError saying what is wrong,
+    so that the checkpoint is skipped for the previous one rather than failing with a KeyError)."""
+    def check(state: dict) -> None:
+        if state.get("phase") not in PHASES:
+            raise ValueError(f"names no phase of a run ({', '.join(PHASES)})")
+        step = state.get("phase_step")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= config.meta_steps:
+            raise ValueError(f"has no phase_step from 0 to meta_steps={config.meta_steps}")
+        missing = [key for key in ("optimizer", "scheduler", "rng") if not isinstance(state.get(key), dict)]
+        if missing:
+            raise ValueError(f"lacks {', '.join(missing)}")
+
+    return check
+
+
 def restore(pm: PerkModel, ftic_adapter: torch.Tensor | None, checkpoint: Checkpoint) -> None:
     """Load a checkpoint's tensors (checked: names, shapes, finite values) into the live ones."""
     load_tensors(all_tensors(pm, ftic_adapter), checkpoint.tensors, source=str(checkpoint.path))
 
 
-def make_problems(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+def make_problems(config: TrainConfig, adapted: AdaptedModel) -> tuple[list[dict], list[dict]]:
     """(training, held-out) problems: generated, or read from data.train_file / data.eval_file;
-    as support-then-answer targets with data.support_targets."""
+    as support-then-answer targets with data.support_targets.
+
+    Every problem the run will use is checked here, before anything is written: none of the sets is
+    empty, and each problem's rows fit the model window (its question prompt and its answer for
+    training, its question prompt and the answer length limit for the evaluation); a problem that
+    does not is a UsageError naming where it is (``file:line``), not a failure mid-training."""
     data = config.data
+    tokenizer = adapted.tokenizer
     kwargs = dict(order_markers=data.order_markers, doc_index=data.doc_index)
 
-    def generated(n: int, seed: int) -> list[dict]:
-        return [p.to_json() for p in generate(data.task, n, data.context_tokens, tokenizer, seed=seed, **kwargs)]
+    def generated(n: int, seed: int) -> list[tuple[str, dict]]:
+        problems = generate(data.task, n, data.context_tokens, tokenizer, seed=seed, **kwargs)
+        return [(f"generated {data.task} problem {i} (seed {seed})", p.to_json()) for i, p in enumerate(problems)]
 
     if data.train_file is None:
         train = generated(data.train_problems, data.seed)
     else:
-        train = read_problems(data.train_file)
+        train = read_located_problems(data.train_file)
+        if not train:
+            raise UsageError(f"data.train_file {data.train_file} holds no problems: nothing to train on")
     if data.eval_file is not None:
-        held_out = read_problems(data.eval_file)[: data.eval_problems]
+        held_out = read_located_problems(data.eval_file)[: data.eval_problems]
+        if not held_out:
+            raise UsageError(f"data.eval_file {data.eval_file} holds no problems: nothing to evaluate")
     elif data.train_file is not None:
         if len(train) <= data.eval_problems:
             raise UsageError(
@@ -298,8 +358,16 @@ def make_problems(config: TrainConfig, tokenizer) -> tuple[list[dict], list[dict
         held_out = generated(data.eval_problems, data.seed + 1)
     train = train[: data.train_problems]
     if data.support_targets:
-        train, held_out = [with_support_target(p) for p in train], [with_support_target(p) for p in held_out]
-    return train, held_out
+        train = [(where, with_support_target(p)) for where, p in train]
+        held_out = [(where, with_support_target(p)) for where, p in held_out]
+    budget = answer_budget(tokenizer, [p for _, p in held_out], config.max_new_tokens)
+    for problems, answer_tokens in ((train, None), (held_out, budget)):
+        for where, problem in problems:
+            try:
+                check_fits_window(adapted, problem, answer_tokens=answer_tokens)
+            except ValueError as err:
+                raise UsageError(f"{where}: {err}") from None
+    return [p for _, p in train], [p for _, p in held_out]
 
 
 def check_world_size(config: TrainConfig, launch: Launch) -> None:
@@ -318,10 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args, config = parse_args(argv)
     explicit = {k[4:] for k in vars(args) if k.startswith("cfg:")} | ({"config"} if args.config else set())
-    run_dir, config = resolve_run(config, args.resume, explicit)  # reads only: no process has written yet
-    launch = from_torchrun(resolve_device(config.device))
+    run_dir, run_config = resolve_run(config, args.resume, explicit)  # reads only: no process has written yet
+    launch = from_torchrun(resolve_device(run_config.device))
     try:
-        return train_and_evaluate(args, config, run_dir, launch, started)
+        check_same_everywhere("the resolved config", yaml.safe_dump(config_to_dict(run_config)), launch)
+        with run_lock(run_dir, launch):
+            # Again under the lock: another perk.train may have started this run meanwhile.
+            run_dir, run_config = resolve_run(config, args.resume, explicit)
+            return train_and_evaluate(args, run_config, run_dir, launch, started)
     finally:
         close(launch)
 
@@ -343,7 +415,7 @@ def train_and_evaluate(args: argparse.Namespace, config: TrainConfig, run_dir: P
 
     phase_index, start_step, resume_state = 0, 0, None
     if args.resume:
-        checkpoint = load_latest_checkpoint(run_dir)
+        checkpoint = load_latest_checkpoint(run_dir, check_state=resumable_state(config))
         if checkpoint is not None:
             restore(pm, ftic_adapter if "ftic" in config.methods else None, checkpoint)
             phase_index = PHASES.index(checkpoint.state["phase"])
@@ -351,7 +423,7 @@ def train_and_evaluate(args: argparse.Namespace, config: TrainConfig, run_dir: P
             written = checkpoint.state.get("world_size", 1)
             how = "" if written == launch.world_size == 1 else f"; written by {written}, continued by {launch.world_size} processes"
             say(f"resuming from {checkpoint.path.name} ({checkpoint.state['phase']} step {start_step}{how})", flush=True)
-    train_problems, eval_problems = make_problems(config, tokenizer)
+    train_problems, eval_problems = make_problems(config, pm.adapted)
     say(f"data: {len(train_problems)} training and {len(eval_problems)} held-out problems", flush=True)
     metrics = MetricsLog(run_dir / METRICS)
     if launch.is_main:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from perk import PerkConfig, PerkModel
 from perk.cli import run_main
-from perk.distributed import Launch, all_reduce_mean, shard, shard_bounds, shard_rows
+from perk.distributed import Launch, all_reduce_mean, check_same_everywhere, shard, shard_bounds, shard_rows
 from perk.segments import context_segments
 from tests.tiny_models import save_tiny_model, tiny_model_and_tokenizer, tiny_tokenizer
 
@@ -58,6 +58,19 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def encoder(token_weighting: bool) -> PerkModel:
+    """The PerkModel every rank and the single process encode with. With token weighting its output
+    layer (zero at init, so every weight 1) is perturbed: weights from about 0.3 to 1.8, so that an
+    uneven weighting is what gets sharded."""
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    perk = PerkModel.from_base(model, tokenizer, PerkConfig(**ENCODE_SETTINGS, token_weighting=token_weighting))
+    if token_weighting:
+        with torch.no_grad():
+            out = perk.weighting.out
+            out.weight.copy_(torch.randn(out.weight.shape, generator=torch.Generator().manual_seed(5)) * 3.0)
+    return perk
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -78,12 +91,16 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         # rank 0: the mean over 1 item, rank 1: over 3 items → the mean over the 4.
         weight = 1.0 if rank == 0 else 3.0
         grads = {"a": torch.full((2, 2), 4.0 if rank == 0 else 8.0), "b": torch.tensor([rank * 1.0])}
+        launch = Launch(rank=rank, world_size=world_size, backend="gloo")
+        check_same_everywhere("the config", "seed: 1\n", launch)  # the same everywhere: passes
+        try:
+            check_same_everywhere("the resolved config", f"seed: {rank}\nmeta_lr: 0.003\n", launch)
+        except ValueError as err:
+            results["differing config"] = str(err)
         results["mean"] = all_reduce_mean(2.0 if rank == 0 else 6.0, grads, {"x": 1.0 + rank, "tok_s": 10.0},
                                           weight, Launch(rank=rank, world_size=world_size, backend="gloo"))
         for token_weighting in (False, True):
-            model, tokenizer = tiny_model_and_tokenizer("llama")
-            perk = PerkModel.from_base(model, tokenizer, PerkConfig(**ENCODE_SETTINGS, token_weighting=token_weighting))
-            memory = perk.encode(CONTEXTS, group=dist.group.WORLD)
+            memory = encoder(token_weighting).encode(CONTEXTS, group=dist.group.WORLD)
             results[token_weighting] = (memory.flat, memory.inner_losses, memory.stats.context_tokens)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
@@ -103,15 +120,26 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("token_weighting", [False, True])
 def test_context_sharded_over_two_processes_encodes_like_one(spawned, token_weighting):
-    model, tokenizer = tiny_model_and_tokenizer("llama")
-    single = PerkModel.from_base(model, tokenizer, PerkConfig(**ENCODE_SETTINGS, token_weighting=token_weighting))
-    single = single.encode(CONTEXTS)
+    perk = encoder(token_weighting)
+    if token_weighting:
+        weights = perk._token_weights(context_segments(perk.tokenizer, CONTEXTS, ENCODE_SETTINGS["segment_len"]))
+        assert weights.max() - weights.min() > 0.5, "uneven weights"
+    single = perk.encode(CONTEXTS)
     assert single.inner_losses[1:].lt(single.inner_losses[:-1]).all(), "the inner steps do something"
     for rank in range(2):
         flat, losses, tokens = spawned[rank][token_weighting]
         torch.testing.assert_close(flat, single.flat, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(losses, single.inner_losses, rtol=1e-5, atol=1e-6)
         assert tokens == single.stats.context_tokens
+
+
+def test_processes_with_different_configs_are_refused_on_every_rank(spawned):
+    """Issue 29, 15: per-rank options that differ (a seed, a rate: same shapes, so no collective
+    would fail) are found by one all-gather of the config's hash, and every rank stops."""
+    for rank in range(2):
+        assert spawned[rank]["differing config"] == (
+            "the resolved config differs between the processes (rank 1 vs rank 0): give every process the same options"
+        )
 
 
 def test_all_reduce_mean_weights_each_rank_by_its_share(spawned):

@@ -7,6 +7,9 @@ an untrained ``perk/``), so each case takes about a second.
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,17 +20,20 @@ from perk import PerkConfig, PerkModel
 from perk import encode as perk_encode
 from perk import eval as perk_eval
 from perk import train as perk_train
+from perk.distributed import SINGLE_PROCESS
 from perk.runs import (
     FTIC_ADAPTER,
+    LOCK,
     METRICS,
     PERK_DIR,
     RESOLVED_CONFIG,
     MetricsLog,
     TrainConfig,
+    run_lock,
     save_resolved_config,
 )
 from perk.checkpoint import save_checkpoint
-from perk.cli import run_main
+from perk.cli import UsageError, run_main
 from perk.engine import CONFIG_NAME, WEIGHTS_NAME
 from perk.tasks import generate, write_jsonl
 from perk.train import all_tensors
@@ -291,3 +297,164 @@ def test_encode_checks_questions_against_the_window_before_encoding(run, tmp_pat
             "--device", "cpu"]
     one_line_error(capsys, run_main(perk_encode.main, argv), "max_new_tokens=1020", "window (1024)")
     assert "encoded" not in capsys.readouterr().out
+
+
+# --- issue 29, medium and low -----------------------------------------------------------------------
+
+
+def test_a_second_train_of_a_live_run_is_refused_naming_the_holder(tiny_model_dir, run, tmp_path, capsys):
+    """3. One writer per run: while a perk.train holds the run (here this process, through the same
+    lock), another start or --resume of it is one line naming the holder's pid; nothing is written."""
+    runs = tmp_path / "runs"
+    before = sorted(p.name for p in run.iterdir())
+    with run_lock(run, SINGLE_PROCESS):
+        code = run_main(perk_train.main, ["--resume", "--name", "run", "--runs_dir", str(runs)], prog="perk.train")
+        one_line_error(capsys, code, f"{run} is in use by another perk.train (pid {os.getpid()})")
+        with run_lock(runs / "new", SINGLE_PROCESS):
+            code = run_main(perk_train.main, tiny_args(tiny_model_dir, runs, name="new"), prog="perk.train")
+            one_line_error(capsys, code, "in use by another perk.train", f"pid {os.getpid()}")
+    assert sorted(p.name for p in run.iterdir() if p.name != LOCK) == before
+    assert not (runs / "new").exists(), "a run that wrote nothing leaves no folder behind"
+
+
+def test_a_killed_holder_leaves_no_stale_lock(run):
+    """3. The lock is the operating system's (flock): a holder killed with SIGKILL releases it."""
+    import fcntl  # noqa: F401  (the holder below uses it)
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.write('4242\\n'); f.flush(); print('held', flush=True); time.sleep(120)", str(run / LOCK)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match="pid 4242"), run_lock(run, SINGLE_PROCESS):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(run, SINGLE_PROCESS):
+        assert (run / LOCK).read_text() == f"{os.getpid()}\n"
+
+
+GOOD = {"context": ["Mary went to the kitchen."], "question": "Where is Mary?", "answer": "kitchen"}
+
+
+def _database(questions) -> str:
+    row = dict.fromkeys(["Student Id", "Student Name", "Year", "School", "Major"], "x") | {"Grade": 1}
+    return json.dumps({"database": [row], "questions": questions})
+
+
+@pytest.mark.parametrize(
+    "option, content, message",
+    [
+        ("train_file", "", "holds no problems: nothing to train on"),  # 4.
+        ("train_file", _database(["...", "..."]), "holds no problems: nothing to train on"),  # 4.
+        ("eval_file", "\n", "holds no problems: nothing to evaluate"),  # 14.
+    ],
+)
+def test_a_data_file_without_problems_is_refused_before_anything_is_written(tiny_model_dir, tmp_path, capsys,
+                                                                             option, content, message):
+    data = tmp_path / "data.json"
+    data.write_text(content)
+    runs = tmp_path / "runs"
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [GOOD] * 3)
+    files = {"train_file": other, "eval_file": other} | {option: data}
+    argv = tiny_args(tiny_model_dir, runs) + [f"--data.{name}={path}" for name, path in files.items()]
+    one_line_error(capsys, run_main(perk_train.main, argv, prog="perk.train"), str(data), message)
+    assert not runs.exists() or list(runs.iterdir()) == [], "the name stays usable"
+
+
+LONG = "x" * 1100  # the tiny tokenizer's one token a byte: longer than the 1024-token window alone
+
+
+@pytest.mark.parametrize(
+    "bad, extra, message",
+    [
+        ({"question": LONG + "?"}, [], "train.jsonl:3: question + answer are"),
+        ({"answer": LONG}, [], "train.jsonl:3: question + answer are"),
+        ({"support": [LONG]}, ["--data.support_targets", "true"], "train.jsonl:3: question + answer are"),
+        ({"question": "x" * 1010 + "?"}, ["--data.eval_file", "<eval>"], "eval.jsonl:2: the question is"),
+    ],
+)
+def test_records_that_cannot_fit_the_window_are_refused_naming_file_and_line(tiny_model_dir, tmp_path, capsys,
+                                                                              bad, extra, message):
+    """5. Checked when the file is read, tokenized lengths included (not mid-training, naming a
+    batch position, and at the same step on every --resume)."""
+    good = GOOD | {"support": ["Mary went to the kitchen."]}
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_jsonl(train, [good, good, good | bad if "<eval>" not in extra else good, good, good])
+    write_jsonl(evaluation, [good, good | bad])
+    extra = [str(evaluation) if e == "<eval>" else e for e in extra]
+    argv = tiny_args(tiny_model_dir, tmp_path / "runs") + ["--data.train_file", str(train), "--data.eval_problems", "2",
+                                                           *extra]
+    one_line_error(capsys, run_main(perk_train.main, argv, prog="perk.train"), message, "model window (1024)")
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_finished_run_is_used_without_its_training_data(tiny_model_dir, tmp_path, capsys):
+    """6. Loading a run does not read (or need) its data files; only evaluating on the run's own
+    data.eval_file does, and without it that is one line."""
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [GOOD] * 3)
+    run = untrained_run(tiny_model_dir, tmp_path / "runs", "--data.train_file", str(data), "--data.eval_file", str(data))
+    other = tmp_path / "other.jsonl"
+    data.rename(other)
+    out = tmp_path / "out"
+    assert run_main(perk_eval.main, eval_args(run, "--data", str(other), "--out", str(out)), prog="perk.eval") == 0
+    assert (out / "eval.json").is_file()
+    story = tmp_path / "story.txt"
+    story.write_text("Mary went to the kitchen.\n")
+    argv = ["--checkpoint", str(run), "--context", str(story), "--question", "Where?", "--device", "cpu",
+            "--max_new_tokens", "2"]
+    assert run_main(perk_encode.main, argv, prog="perk.encode") == 0
+    capsys.readouterr()
+    code = run_main(perk_eval.main, eval_args(run), prog="perk.eval")
+    one_line_error(capsys, code, f"the run's data.eval_file {data} no longer exists", "--data")
+
+
+def test_world_size_without_rank_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """16. WORLD_SIZE set by hand without RANK (not by torchrun): one line, not a KeyError."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    code = run_main(perk_train.main, tiny_args(tiny_model_dir, tmp_path / "runs"), prog="perk.train")
+    one_line_error(capsys, code, "WORLD_SIZE=2 is set but RANK is not", "torchrun")
+
+
+def test_a_collapsed_inner_loop_stops_the_run(tmp_path):
+    """17. Inner steps so large that the adapted model predicts the uniform distribution: the
+    meta-loss sits at ln(vocab) with an exactly zero meta-gradient (measured on the tiny model with
+    --perk.inner_lr 1e6: 5.556828 vs ln 259 = 5.556828, grad 0). The run stops before the step, with
+    a message saying what to change, instead of training for nothing."""
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    pm = PerkModel.from_base(model, tokenizer, PerkConfig(rank=2))
+    assert perk_train.perk_phase(pm, TrainConfig()).uniform_loss == pytest.approx(math.log(259))
+    weight = torch.ones(3, requires_grad=True)
+    phase = perk_train.Phase("perk", {"w": weight}, {"w": 0.1}, lambda batch: (math.log(259) + 1e-6, {"w": torch.zeros(3)}, {}),
+                             uniform_loss=math.log(259))
+    config = TrainConfig(meta_steps=2, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match=r"perk step 0: the inner loop collapsed.*259-token vocabulary.*"
+                                                 r"lower perk.inner_lr or perk.inner_weight_decay"):
+        perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
+                             metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
+    assert not (tmp_path / "checkpoints").exists()
+    # A zero gradient away from the uniform level, or the uniform level with a gradient, trains on.
+    for loss, grad in ((1.0, torch.zeros(3)), (math.log(259), torch.ones(3))):
+        phase.loss_and_grads = lambda batch, loss=loss, grad=grad: (loss, {"w": grad}, {})
+        perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path / str(loss),
+                             metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
+
+
+def test_a_checkpoint_state_missing_keys_falls_back_to_the_previous_one(run, capsys):
+    """19. A checkpoint that matches its manifest and decodes, but whose state lacks 'phase': skipped
+    with a warning for the previous checkpoint (here one of another model, whose one-line shape error
+    shows that it is the one resumed from), never a KeyError traceback."""
+    settings = {**yaml.safe_load((run / RESOLVED_CONFIG).read_text())["perk"], "rank": 4}
+    model, tokenizer = tiny_model_and_tokenizer("llama")
+    foreign = PerkModel.from_base(model, tokenizer, PerkConfig(**settings))
+    tensors = all_tensors(foreign, foreign.adapted.initial_adapter(torch.Generator().manual_seed(1)))
+    save_checkpoint(run, 1, tensors, {"phase": "perk", "phase_step": 1, "optimizer": {}, "scheduler": {}, "rng": {}})
+    save_checkpoint(run, 2, tensors, {"phase_step": 2, "optimizer": {}, "scheduler": {}, "rng": {}})
+    with pytest.warns(UserWarning, match=r"step-00000002: matches its checksums but its state names no phase"):
+        code = run_main(perk_train.main, ["--resume", "--name", "run", "--runs_dir", str(run.parent)], prog="perk.train")
+    one_line_error(capsys, code, "step-00000001", "shape")

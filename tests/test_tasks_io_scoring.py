@@ -14,8 +14,10 @@ from perk.tasks import (
     parse_depth,
     parse_length,
     read_jsonl,
+    read_problems,
     write_jsonl,
 )
+from perk.tasks import io
 from tests.test_tasks_lengths import TOKENIZERS
 
 
@@ -152,3 +154,73 @@ def test_f1(prediction, gold, score):
 def test_normalize_answer_rejects_non_strings():
     with pytest.raises(TypeError, match="answer"):
         normalize_answer(3)
+
+
+# --- issue 29: bad data refused at the door, naming the file and the line ----------------------------
+
+GOOD = {"context": ["Mary went to the kitchen."], "question": "Where is Mary?", "answer": "kitchen"}
+DATABASE_ROW = {"Student Id": "3109998", "Student Name": "Ada", "Year": "Junior", "School": "Arts", "Major": "Music",
+                "Grade": 72}
+
+
+def _jsonl(*records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # 5. a context with no text in it fails at read time, not mid-training
+        (_jsonl(GOOD, GOOD | {"context": [""]}), r"bad\.json:2: field 'context' must hold at least one document that "
+                                                 r"is not blank"),
+        # 8. deep nesting: no RecursionError traceback
+        (b"[" * 100_000 + b"]" * 100_000, r"bad\.json:1: nested too deeply"),
+        (_jsonl(GOOD) + b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"bad\.json:2: nested too deeply"),
+        # 9. non-UTF-8 bytes: the file and the line
+        (_jsonl(GOOD) + b'{"question": "\xff"}\n', r"bad\.json:2: not UTF-8 text \(invalid start byte at byte 14"),
+        (b'{\n  "context": ["a"],\n  "question": "\xfe"\n}', r"bad\.json:3: not UTF-8 text"),
+        # 10. Student Records fields that are not text or numbers
+        (json.dumps({"database": [DATABASE_ROW | {"Student Name": None}], "questions": []}).encode(),
+         r"bad\.json: database entry 1: field 'Student Name' must be a string or a number, got null"),
+        (json.dumps({"database": [DATABASE_ROW | {"School": {"x": 1}}], "questions": []}).encode(),
+         r"field 'School' must be a string or a number"),
+        (json.dumps({"database": [DATABASE_ROW | {"Grade": [72]}], "questions": []}).encode(),
+         r"field 'Grade' must be a string or a number"),
+        # 11. answers NaN and 1e999 are not numbers
+        (_jsonl(GOOD) + b'{"context": ["a"], "question": "Q?", "answer": NaN}\n', r"bad\.json:2: NaN is not a JSON number"),
+        (_jsonl(GOOD) + b'{"context": ["a"], "question": "Q?", "answer": 1e999}\n', r"bad\.json:2: number 1e999 is out of range"),
+        (b'{"context": ["a"], "question": "Q?", "answer": -Infinity}', r"bad\.json:1: -Infinity is not a JSON number"),
+        # 12. duplicate keys: refused, not last-wins
+        (_jsonl(GOOD) + b'{"context": ["a"], "question": "Q?", "answer": "a", "answer": "b"}\n',
+         r"bad\.json:2: duplicate key 'answer'"),
+    ],
+)
+def test_bad_records_are_refused_naming_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_problems(path)
+
+
+def test_line_breaks_other_than_newline_are_text(tmp_path):
+    """13. write_jsonl writes U+2028 and U+0085 raw (ensure_ascii=False): they are not line breaks."""
+    problems = [GOOD | {"question": "Where\u2028is\x85Mary?"}, GOOD | {"context": ["a\u2029b\x1cc\rd"]}]
+    write_jsonl(tmp_path / "odd.jsonl", problems)
+    assert "\u2028".encode() in (tmp_path / "odd.jsonl").read_bytes()
+    assert [{k: p[k] for k in GOOD} for p in read_problems(tmp_path / "odd.jsonl")] == problems
+
+
+def test_a_single_json_document_is_capped_and_jsonl_streams(tmp_path, monkeypatch):
+    """7. JSONL is read line by line, whatever its size; one JSON document (a pretty-printed file or
+    a line) is read whole only up to MAX_JSON_DOCUMENT_BYTES (here made small)."""
+    monkeypatch.setattr(io, "MAX_JSON_DOCUMENT_BYTES", 1000)
+    lines = tmp_path / "many.jsonl"
+    lines.write_bytes(_jsonl(*[GOOD | {"index": i} for i in range(50)]))  # 5 KB, every line < 1000 bytes
+    assert [p["index"] for p in read_problems(lines)] == list(range(50))
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps([GOOD] * 50, indent=2))
+    with pytest.raises(ValueError, match=r"whole\.json: a single JSON document larger than 0 MiB.*write it as JSONL"):
+        read_problems(whole)
+    lines.write_bytes(_jsonl(GOOD, GOOD | {"context": ["x" * 2000]}))
+    with pytest.raises(ValueError, match=r"many\.jsonl:2: line longer than"):
+        read_problems(lines)

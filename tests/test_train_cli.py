@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from perk.cli import UsageError, run_main
 from perk.train import PERK_DIR, batch_indices, main, parse_args
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PERK_KERNELS_BACKEND": "torch", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
@@ -196,7 +197,8 @@ def test_a_train_file_without_eval_file_holds_out_its_last_problems(tmp_path):
 
     _, config = parse_args(["--device", "cpu", "--data.train_file", str(OFFICIAL / "babilong.jsonl"),
                             "--data.eval_problems", "1", "--data.support_targets", "true"])
-    train, held_out = make_problems(config, tokenizer=None)
+    adapted = SimpleNamespace(tokenizer=tiny_tokenizer(), window=1024)  # what the window checks use
+    train, held_out = make_problems(config, adapted)
     assert [p["question"] for p in train] == ["Where is Daniel?", "Where is the apple?"]
     assert [p["question"] for p in held_out] == ["Where is John?"]
     assert held_out[0]["answer"] == (
@@ -204,6 +206,6 @@ def test_a_train_file_without_eval_file_holds_out_its_last_problems(tmp_path):
     )
     _, config = parse_args(["--device", "cpu", "--data.train_file", str(OFFICIAL / "babilong.jsonl")])
     with pytest.raises(UsageError, match="holds 3 problems, too few to hold out data.eval_problems=20"):
-        make_problems(config, tokenizer=None)
+        make_problems(config, adapted)
     with pytest.raises(UsageError, match="data.train_file: no such file"):
         parse_args(["--device", "cpu", "--data.train_file", str(tmp_path / "missing.jsonl")])

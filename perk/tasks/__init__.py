@@ -7,7 +7,7 @@ JSONL (write_jsonl) and read from JSONL, JSON arrays and objects and Student Rec
 support-then-answer targets). ``python -m perk.data`` is the command line.
 """
 
-from perk.tasks.io import read_jsonl, read_problems, validate_record, write_jsonl
+from perk.tasks.io import read_jsonl, read_located_problems, read_problems, validate_record, write_jsonl
 from perk.tasks.problem import Problem, parse_depth, parse_length
 from perk.tasks.registry import (
     BABILONG_TASKS,
@@ -35,6 +35,7 @@ __all__ = [
     "parse_depth",
     "parse_length",
     "read_jsonl",
+    "read_located_problems",
     "read_problems",
     "support_target",
     "validate_record",

@@ -16,7 +16,9 @@ A ``"..."`` in a question list (how the official samples mark elided entries) is
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -87,8 +89,8 @@ def validate_record(record: Any) -> None:
     for field in ("context", "choices", "support"):
         if not all(isinstance(item, str) for item in record.get(field, ())):
             raise ValueError(f"field {field!r} must be a list of strings")
-    if not record["context"]:
-        raise ValueError("field 'context' must hold at least one document")
+    if not any(document.strip() for document in record["context"]):
+        raise ValueError("field 'context' must hold at least one document that is not blank")
     if not record["question"].strip():
         raise ValueError("field 'question' is empty")
 
@@ -107,14 +109,21 @@ def read_problems(path: str | Path, *, task: str | None = None) -> list[dict[str
     (``path:line`` in JSONL, ``path: record i`` in an array, ``path: ... question j`` in a
     database's questions) of the first thing that is not valid JSON or not a valid problem.
     """
+    return [problem for _, problem in read_located_problems(path, task=task)]
+
+
+def read_located_problems(path: str | Path, *, task: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """read_problems(), each problem with where it is in the file (``path:line``, ``path: record
+    i``, ``path: question j``): what a later check of the problem names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
     default_task = task or path.stem
-    problems: list[dict[str, Any]] = []
+    problems: list[tuple[str, dict[str, Any]]] = []
     for where, record in _records(path):
         try:
-            problems += _problems_of(record, default_task)
+            problems += [(f"{where}: {label}" if label else where, problem)
+                         for label, problem in _problems_of(record, default_task)]
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
     return problems
@@ -125,45 +134,136 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return read_problems(path)
 
 
+# A JSON document (a JSONL line, or a whole file that is one JSON value) is read into memory whole:
+# larger ones are refused rather than exhausting it. JSONL files of any size stream line by line.
+MAX_JSON_DOCUMENT_BYTES = 256 * 1024 * 1024
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise ValueError(f"duplicate key {key!r} in one object")
+        record[key] = value
+    return record
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class _Semantic(ValueError):
+    """Valid JSON syntax perk refuses (duplicate keys, NaN, overflowing numbers, deep nesting)."""
+
+
+def _parse(text: str) -> Any:
+    """One JSON value; json.JSONDecodeError for bad syntax, _Semantic for what perk refuses in it."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_float=_finite_number,
+                          parse_constant=_no_constant)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise _Semantic("nested too deeply") from None
+    except ValueError as error:
+        raise _Semantic(str(error)) from None
+
+
+def _decode(data: bytes, path: Path, number: int | None) -> str:
+    """``data`` as UTF-8; a ValueError naming the line otherwise (``number``: the line ``data``
+    is; None: ``data`` is the whole file)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if number is None:
+            number, byte = data.count(b"\n", 0, err.start) + 1, err.start - (data.rfind(b"\n", 0, err.start) + 1)
+        else:
+            byte = err.start
+        raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {byte} of the line)") from None
+
+
+def _lines(handle, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(number, bytes) of every non-blank line, split on "\\n" alone (U+2028 or U+0085 inside a
+    JSON string is text, not a line break), each at most MAX_JSON_DOCUMENT_BYTES."""
+    number = 0
+    while True:
+        line = handle.readline(MAX_JSON_DOCUMENT_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_JSON_DOCUMENT_BYTES:
+            raise ValueError(f"{path}:{number}: line longer than {MAX_JSON_DOCUMENT_BYTES // 2**20} MiB, the largest "
+                             "JSON document perk reads")
+        if line.strip():
+            yield number, line
+
+
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, JSON value) of every record of the file: the whole file when it is one JSON value
-    (an array gives its items), else one per non-blank line."""
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        return
-    try:
-        whole = json.loads(text)
-    except ValueError as whole_error:  # json.JSONDecodeError is a ValueError
-        lines = text.splitlines()
-        first = next(line for line in lines if line.strip())
+    (an array gives its items), else one per non-blank line, read as a stream."""
+    with open(path, "rb") as handle:
+        lines = _lines(handle, path)
+        first = next(lines, None)
+        if first is None:
+            return
+        number, line = first
         try:
-            json.loads(first)
-        except ValueError:
-            # Not JSONL either: report where the single JSON value breaks (line and column).
-            raise ValueError(f"{path}: not valid JSON: {whole_error}") from None
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as error:
-                    raise ValueError(f"{path}:{number}: {error}") from None
-                yield f"{path}:{number}", record
-        return
-    if isinstance(whole, list):
-        for number, record in enumerate(whole, start=1):
+            value = _parse(_decode(line, path, number))
+        except _Semantic as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+        except json.JSONDecodeError:  # not JSONL: one JSON value over several lines
+            handle.seek(0)
+            yield from _whole_document(handle.read(MAX_JSON_DOCUMENT_BYTES + 1), path)
+            return
+        second = next(lines, None)
+        if second is None:  # one value on one line: the whole file
+            yield from _items(value, path)
+            return
+        yield f"{path}:{number}", value
+        for number, line in itertools.chain([second], lines):
+            try:
+                yield f"{path}:{number}", _parse(_decode(line, path, number))
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
+
+
+def _whole_document(data: bytes, path: Path) -> Iterator[tuple[str, Any]]:
+    if len(data) > MAX_JSON_DOCUMENT_BYTES:
+        raise ValueError(f"{path}: a single JSON document larger than {MAX_JSON_DOCUMENT_BYTES // 2**20} MiB, the "
+                         "largest perk reads whole: write it as JSONL (one problem per line), which is read as a stream")
+    try:
+        value = _parse(_decode(data, path, None))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except _Semantic as error:
+        raise ValueError(f"{path}: {error}") from None
+    yield from _items(value, path)
+
+
+def _items(value: Any, path: Path) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, list):
+        for number, record in enumerate(value, start=1):
             yield f"{path}: record {number}", record
     else:
-        yield str(path), whole
+        yield str(path), value
 
 
-def _problems_of(record: Any, task: str) -> list[dict[str, Any]]:
-    """The problems of one record: itself, or one per question of a Student Records database."""
+def _problems_of(record: Any, task: str) -> list[tuple[str, dict[str, Any]]]:
+    """The problems of one record, each with where it is in the record ("" for the record itself,
+    ``question j`` for those of a Student Records database)."""
     if isinstance(record, dict) and ("database" in record or "questions" in record):
         return _database_problems(record, task)
     if isinstance(record, dict):
         record = {"task": task, **record} | _answer_as_text(record)
     validate_record(record)
-    return [record]
+    return [("", record)]
 
 
 def _answer_as_text(record: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +273,7 @@ def _answer_as_text(record: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _database_problems(record: dict[str, Any], task: str) -> list[dict[str, Any]]:
+def _database_problems(record: dict[str, Any], task: str) -> list[tuple[str, dict[str, Any]]]:
     database, questions = record.get("database"), record.get("questions")
     if not isinstance(database, list) or not database:
         raise ValueError("field 'database' must be a non-empty list of student records")
@@ -184,6 +284,10 @@ def _database_problems(record: dict[str, Any], task: str) -> list[dict[str, Any]
         missing = [name for name in DATABASE_FIELDS if not isinstance(row, dict) or name not in row]
         if missing:
             raise ValueError(f"database entry {number} lacks {', '.join(repr(name) for name in missing)}")
+        for name in DATABASE_FIELDS:  # null, a list or an object would become text like "None"
+            if not isinstance(row[name], (str, int, float)) or isinstance(row[name], bool):
+                raise ValueError(f"database entry {number}: field {name!r} must be a string or a number, got "
+                                 f"{json.dumps(row[name])[:40]}")
         context.append(record_document(*(row[name] for name in DATABASE_FIELDS)))
     problems = []
     for number, item in enumerate(questions, start=1):
@@ -204,5 +308,5 @@ def _database_problems(record: dict[str, Any], task: str) -> list[dict[str, Any]
             validate_record(problem)
         except ValueError as error:
             raise ValueError(f"question {number}: {error}") from None
-        problems.append(problem)
+        problems.append((f"question {number}", problem))
     return problems
