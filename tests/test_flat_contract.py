@@ -58,8 +58,8 @@ def test_no_p_sized_integer_tensor_is_made(mode):
     assert all(t.numel() < n_params for t in held)
 
 
-def test_kernels_receive_the_flat_buffer_and_the_group_offsets(monkeypatch):
-    perk = make_perk(meta_grad="fd")
+def spy_on_kernels(monkeypatch) -> list:
+    """The (name, args) of every call of the multi-tensor kernels, from now on."""
     calls = []
 
     def spy(name, kernel):
@@ -71,11 +71,48 @@ def test_kernels_receive_the_flat_buffer_and_the_group_offsets(monkeypatch):
 
     spy("lora_inner_step", perk_kernels.lora_inner_step)
     spy("meta_grad_accumulate", perk_kernels.meta_grad_accumulate)
+    return calls
+
+
+def test_kernels_receive_the_flat_buffer_and_the_group_offsets(monkeypatch):
+    perk = make_perk(meta_grad="fd")
+    calls = spy_on_kernels(monkeypatch)
     perk.meta_gradient(PROBLEMS)
+    check_flat_calls(perk, calls, steps=2, n_adapters=len(PROBLEMS))
+
+
+def check_flat_calls(perk, calls, steps, n_adapters):
     names = [name for name, _ in calls]
-    assert names.count("lora_inner_step") == 2 and names.count("meta_grad_accumulate") == 2
-    flat_shape = (len(PROBLEMS), perk.layout.n_params)
+    assert names.count("lora_inner_step") == steps and names.count("meta_grad_accumulate") == steps
+    flat_shape = (n_adapters, perk.layout.n_params)
     for name, args in calls:
         buffers = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[1] > perk.layout.n_groups]
         assert buffers and all(tuple(b.shape) == flat_shape for b in buffers), name
         assert list(args[-1]) == list(perk.layout.offsets), name
+
+
+@pytest.mark.interpreter
+def test_the_triton_path_keeps_the_contract(monkeypatch):
+    """Both checks above on the Triton kernels (the interpreter on CPU), in one meta-gradient of one
+    problem and one unrolled inner step (every kernel runs; more would only repeat them): what is
+    watched is perk's host code that prepares the launches, not the interpreter's simulation of a
+    GPU program's block-sized index vectors, which a GPU never allocates."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    from triton.runtime.interpreter import GridExecutor
+
+    monkeypatch.setenv("PERK_KERNELS_BACKEND", "triton")
+    launches, launch = [], GridExecutor.__call__
+
+    def unwatched(self, *args, **kwargs):
+        launches.append(self)
+        with _disable_current_modes():
+            return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(GridExecutor, "__call__", unwatched)
+    calls = spy_on_kernels(monkeypatch)
+    with LargestIntegerTensor() as watch:
+        perk = make_perk(meta_grad="fd", inner_steps=1, unroll_steps=1)
+        perk.meta_gradient(PROBLEMS[:1])
+    assert launches, "the Triton kernels ran"
+    assert 0 < watch.largest < perk.layout.n_params // 10, (watch.largest, perk.layout.n_params)
+    check_flat_calls(perk, calls, steps=1, n_adapters=1)
