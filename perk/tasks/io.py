@@ -12,6 +12,11 @@ Records database with its questions ``{"database": [{"Student Id", "Student Name
 "School", "Major", "Grade"}, ...], "questions": [{"question", "answer"}, ...]}``, which becomes
 one problem per question, the database's records (one document each, in order) as the context.
 A ``"..."`` in a question list (how the official samples mark elided entries) is skipped.
+
+JSONL is read as a stream, split at "\\n" only; a single JSON document (a whole-file value, or one
+line) is read whole only up to MAX_JSON_DOCUMENT_BYTES. What JSON allows but no dataset means is
+refused, naming the file and line: NaN, numbers out of range, duplicate keys, deep nesting, bytes
+that are not UTF-8, Student Records fields that are null, lists or objects.
 """
 
 from __future__ import annotations

@@ -67,8 +67,9 @@ class Student:
 
 
 def record_document(student_id: object, name: object, year: object, school: object, major: object, grade: object) -> str:
-    """One student record as one document (the official serialisation, also used for read
-    databases): "Student 1234567, Name: ..., Year: ..., School: ..., Major: ..., Grade: 87"."""
+    """One student record as one document, for generated and read databases alike: "Student
+    1234567, Name: ..., Year: ..., School: ..., Major: ..., Grade: 87". perk's own serialisation: the
+    official code's ``dict_to_sequence`` writes records differently (e.g. "Student <3109998>")."""
     return f"Student {student_id}, Name: {name}, Year: {year}, School: {school}, Major: {major}, Grade: {grade}"
 
 
