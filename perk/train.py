@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir, run_config = resolve_run(config, args.resume, explicit)  # reads only: no process has written yet
     launch = from_torchrun(resolve_device(run_config.device))
     try:
+        check_world_size(run_config, launch)
         check_same_everywhere("the resolved config", yaml.safe_dump(config_to_dict(run_config)), launch)
         with run_lock(run_dir, launch):
             # Again under the lock: another perk.train may have started this run meanwhile.
@@ -400,7 +401,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_and_evaluate(args: argparse.Namespace, config: TrainConfig, run_dir: Path, launch: Launch,
                        started: float) -> int:
-    check_world_size(config, launch)
     barrier(launch)  # every process has checked the run directory before rank 0 writes to it
     say = print if launch.is_main else (lambda *a, **k: None)
     device = launch.device
