@@ -340,11 +340,13 @@ def make_problems(config: TrainConfig, adapted: AdaptedModel) -> tuple[list[dict
     if data.train_file is None:
         train = generated(data.train_problems, data.seed)
     else:
-        train = read_located_problems(data.train_file)
+        # With an eval file only the first train_problems are used (the file is read no further);
+        # without one, the last eval_problems of the whole file are held out.
+        train = read_located_problems(data.train_file, limit=data.train_problems if data.eval_file else None)
         if not train:
             raise UsageError(f"data.train_file {data.train_file} holds no problems: nothing to train on")
     if data.eval_file is not None:
-        held_out = read_located_problems(data.eval_file)[: data.eval_problems]
+        held_out = read_located_problems(data.eval_file, limit=data.eval_problems)
         if not held_out:
             raise UsageError(f"data.eval_file {data.eval_file} holds no problems: nothing to evaluate")
     elif data.train_file is not None:

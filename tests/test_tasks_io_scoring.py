@@ -14,6 +14,7 @@ from perk.tasks import (
     parse_depth,
     parse_length,
     read_jsonl,
+    read_located_problems,
     read_problems,
     write_jsonl,
 )
@@ -224,3 +225,12 @@ def test_a_single_json_document_is_capped_and_jsonl_streams(tmp_path, monkeypatc
     lines.write_bytes(_jsonl(GOOD, GOOD | {"context": ["x" * 2000]}))
     with pytest.raises(ValueError, match=r"many\.jsonl:2: line longer than"):
         read_problems(lines)
+
+
+def test_a_limited_read_stops_at_the_limit(tmp_path):
+    """perk.train reads only the problems it uses: with a limit, JSONL is read no further."""
+    path = tmp_path / "head.jsonl"
+    path.write_bytes(_jsonl(GOOD, GOOD | {"index": 1}) + b"not JSON\n")
+    assert [where for where, _ in read_located_problems(path, limit=2)] == [f"{path}:1", f"{path}:2"]
+    with pytest.raises(ValueError, match=r"head\.jsonl:3: Expecting value"):
+        read_located_problems(path)

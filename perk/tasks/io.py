@@ -117,9 +117,11 @@ def read_problems(path: str | Path, *, task: str | None = None) -> list[dict[str
     return [problem for _, problem in read_located_problems(path, task=task)]
 
 
-def read_located_problems(path: str | Path, *, task: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+def read_located_problems(path: str | Path, *, task: str | None = None,
+                          limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
     """read_problems(), each problem with where it is in the file (``path:line``, ``path: record
-    i``, ``path: question j``): what a later check of the problem names."""
+    i``, ``path: question j``): what a later check of the problem names. With ``limit``, the first
+    ``limit`` problems only: a JSONL file is read no further."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {str(path)!r} does not exist")
@@ -131,7 +133,9 @@ def read_located_problems(path: str | Path, *, task: str | None = None) -> list[
                          for label, problem in _problems_of(record, default_task)]
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
-    return problems
+        if limit is not None and len(problems) >= limit:
+            break
+    return problems[:limit]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
