@@ -79,15 +79,16 @@ def fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
 
 
-def assert_rounded_to_nearest(actual: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
+def assert_rounded_to_nearest(actual: torch.Tensor, exact: torch.Tensor, what: str = "", slack=0.0) -> None:
     """``actual`` (bf16 or fp16) is ``exact`` (a wider dtype) rounded once to nearest: within half
-    a unit in the last place, plus 1/64 ulp for the fp32 arithmetic that produced it. A truncating
-    cast, or a second rounding, misses by up to a whole ulp."""
+    a unit in the last place, plus 1/64 ulp and ``slack`` (absolute: a bound on the error of the
+    fp32 arithmetic that produced it). A truncating cast, or a second rounding, misses by up to a
+    whole ulp."""
     info = torch.finfo(actual.dtype)
-    exact = exact.double()
+    exact = exact.detach().double()
     magnitude = exact.abs().clamp(min=info.smallest_normal)
     ulp = torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps  # spacing of actual's dtype at |exact|
-    error = (actual.double() - exact).abs()
+    error = ((actual.detach().double() - exact).abs() - slack).clamp(min=0)
     excess = error / ulp - 0.5 * (1 + 1 / 32)
     if bool((excess > 0).any()):
         worst = int(excess.argmax())
