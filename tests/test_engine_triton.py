@@ -64,4 +64,4 @@ def test_bf16_through_the_triton_kernels_matches_torch_and_the_fp32_exact_refere
         assert agreement["meta_loss_abs"] <= 2e-3, (pair, agreement)
         for name in ("adapter_init", "inner_lr_log"):
             assert agreement[f"cosine {name}"] >= 0.99, (pair, agreement)
-            assert agreement[f"rel_error {name}"] <= 0.15, (pair, agreement)
+            assert agreement[f"rel_error {name}"] <= 0.2, (pair, agreement)
