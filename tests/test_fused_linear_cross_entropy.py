@@ -197,8 +197,9 @@ def test_triton_row_kernels_in_low_precision(rows, d, vocab, chunk_size, with_bi
     upstream = torch.randn(rows)
     upstream[1::3] = 0.0
     inputs = (hidden, weight, bias, labels, upstream)
-    loss, grads = loss_and_grads(fused_linear_cross_entropy, *inputs, chunk_size=chunk_size, backend="triton")
-    torch_loss, torch_grads = loss_and_grads(fused_linear_cross_entropy, *inputs, chunk_size=chunk_size, backend="torch")
+    fused = fused_linear_cross_entropy
+    loss, grads = loss_and_grads(fused, *inputs, chunk_size=chunk_size, backend="triton")
+    torch_loss, torch_grads = loss_and_grads(fused, *inputs, chunk_size=chunk_size, backend="torch")
     wide = [None if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in (hidden, weight, bias)]
     ref_loss, ref_grads = loss_and_grads(fused_linear_cross_entropy_reference, *wide, labels, upstream)
     assert loss.dtype == torch.float32 and torch.all(loss[labels == IGNORE] == 0)

@@ -74,10 +74,12 @@ def check_low_precision_against_fp32_reference(problem, adapter_ids):
     y_ref = lora_linear_reference(**wide, adapter_ids=adapter_ids)
     assert y.dtype == dtype
     assert_rel_close(y, y_ref, REL_TOL[dtype], "y")
-    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1)).to(y_ref.device, dtype)  # rounded once, the same upstream for both
-    grads = torch.autograd.grad(y, [problem["x"], problem["lora_a"], problem["lora_b"]], dy)
+    # Rounded once, the same upstream for both.
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1)).to(y_ref.device, dtype)
+    inputs = [problem["x"], problem["lora_a"], problem["lora_b"]]
+    grads = torch.autograd.grad(y, inputs, dy)
     grads_ref = torch.autograd.grad(y_ref, [wide["x"], wide["lora_a"], wide["lora_b"]], dy.float())
-    for name, g, g_ref, t in zip(("dx", "dA", "dB"), grads, grads_ref, (problem["x"], problem["lora_a"], problem["lora_b"])):
+    for name, g, g_ref, t in zip(("dx", "dA", "dB"), grads, grads_ref, inputs):
         assert g.dtype == t.dtype, name
         assert_rel_close(g, g_ref, REL_TOL[dtype], name)
 
