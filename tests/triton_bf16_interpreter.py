@@ -46,6 +46,7 @@ import torch
 
 WRITTEN_AGAINST = "3.9.0"
 
+
 class Bf16NotEmulated(NotImplementedError):
     """A kernel did arithmetic on bf16 values that the interpreter would compute on bit patterns."""
 
