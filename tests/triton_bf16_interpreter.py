@@ -10,8 +10,8 @@ selects (they copy bits) but wrong for
 * fp32 → bf16 casts (``x.to(tl.bfloat16)``, including every ``other=`` constant of a bf16
   load): they truncate the mantissa (1.0041 → 1.0, where the GPU's ``cvt.rn`` and torch give
   1.0078);
-* any other arithmetic on bf16 values (``+``, ``*``, ``-x``, comparisons, ``tl.sum``/``tl.max``):
-  it runs on the bit patterns.
+* any other arithmetic on bf16 values (``+``, ``*``, ``-x``, comparisons, ``tl.sum``; ``tl.max``
+  upcasts to fp32 itself): it runs on the bit patterns.
 
 What :func:`install` patches, on ``triton.runtime.interpreter`` only, once per process:
 
@@ -29,9 +29,11 @@ What :func:`install` patches, on ``triton.runtime.interpreter`` only, once per p
 
 Loads and stores are left alone: they are already bit-exact (checked by
 tests/test_triton_bf16_interpreter.py, with the rest of this module against torch's own bf16 ops).
+bf16 atomics are not patched either (perk's kernels have none).
 
-Written against Triton 3.9.0's ``triton/runtime/interpreter.py``. At import a tiny kernel checks
-each of the three behaviours on the unpatched interpreter; only the broken ones are patched, and
+Written against Triton 3.9.0's ``triton/runtime/interpreter.py``. :func:`install` (the conftest
+calls it when it is imported) first runs tiny kernels that check each of the three behaviours on
+the unpatched interpreter; only the broken ones are patched, and
 where the installed Triton already computes bf16 correctly nothing is (:data:`STATUS` says which,
 and the conftest prints it in pytest's header). fp16 needs none of this: numpy has a float16 type.
 """
