@@ -22,6 +22,19 @@ def _cuda_present() -> bool:
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter computes bf16 dots and casts on raw bit patterns: make them a GPU's, before any
+    # kernel runs (see tests/triton_bf16_interpreter.py).
+    from tests import triton_bf16_interpreter
+
+    triton_bf16_interpreter.install()
+
+
+def pytest_report_header(config):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return f"triton interpreter bf16: {triton_bf16_interpreter.STATUS}"
+    return None
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest-xdist worker per core: one intra-op thread each (and in the
     # processes tests start), or the OpenMP pools oversubscribe the cores and every test slows

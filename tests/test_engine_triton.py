@@ -1,12 +1,14 @@
 """Convergence check: the engine on the Triton kernels (Triton's CPU interpreter on CI, the GPU
-elsewhere) gives the same memories, inner losses and meta-gradient as on the torch reference."""
+elsewhere) gives the same memories, inner losses and meta-gradient as on the torch reference, in
+fp32 and in bf16 (the GPU path's dtype)."""
 
 import pytest
 import torch
 
 from perk import PerkConfig, PerkModel
 from perk_kernels._utils import interpret_mode
-from tests.tiny_models import tiny_model_and_tokenizer
+from tests import bf16_fidelity
+from tests.tiny_models import FAMILIES, tiny_model_and_tokenizer
 
 # The Triton kernels run on CUDA tensors, or on CPU tensors through the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,3 +46,22 @@ def test_triton_kernels_match_the_torch_reference_end_to_end(monkeypatch):
     for name in expected:
         error = (grads[name] - expected[name]).norm() / expected[name].norm()
         assert error < 2e-2, (name, float(error))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_through_the_triton_kernels_matches_torch_and_the_fp32_exact_reference(family):
+    """encode, answer and the fd meta-gradient with a bf16 base model through the Triton kernels
+    (on a CPU, tests/triton_bf16_interpreter.py makes the interpreter's bf16 a GPU's), against the
+    torch kernels in bf16 and the fp32 exact reference (tests/bf16_fidelity.py). Adapters on the
+    query and value projections only (GPT-2: the fused q, k, v), to keep the interpreted launches
+    few: the kernels are the same on every layer. The bounds are several times what this size
+    measures (``python benchmarks/bf16_interpreter_fidelity.py --size test`` records it)."""
+    result = bf16_fidelity.measure(family, bf16_fidelity.TEST_CONFIG)
+    for pair, agreement in result["pairs"].items():
+        assert agreement["same_answers"], (pair, result["answers"])
+        assert agreement["inner_losses_max_abs"] <= 2e-3, (pair, agreement)
+        assert agreement["adapters_rel_error"] <= 1e-2, (pair, agreement)
+        assert agreement["meta_loss_abs"] <= 2e-3, (pair, agreement)
+        for name in ("adapter_init", "inner_lr_log"):
+            assert agreement[f"cosine {name}"] >= 0.99, (pair, agreement)
+            assert agreement[f"rel_error {name}"] <= 0.2, (pair, agreement)

@@ -167,6 +167,50 @@ def test_torch_backend_in_bf16_matches_the_fp32_reference():
     torch.testing.assert_close(h16.grad.float(), ref_grad, atol=1e-2, rtol=5e-2)
 
 
+# Max |error| / max |expected| of the Triton path in bf16/fp16, against the fp32 reference on the
+# same rounded inputs (losses in fp32, gradients rounded to the inputs' dtype).
+LOW_PRECISION_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def assert_close_to_max(actual, expected, rel, what):
+    scale = float(expected.detach().abs().max())
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=rel * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "rows, d, vocab, chunk_size, with_bias, head_requires_grad",
+    [(37, 24, 1000, 16, False, False), (50, 48, 4099, 64, True, True)],  # 4099: two kernel blocks, the second masked
+)
+def test_triton_row_kernels_in_low_precision(rows, d, vocab, chunk_size, with_bias, head_requires_grad, dtype):
+    """bf16/fp16 logits through the Triton row kernels (tests/triton_bf16_interpreter.py makes the
+    interpreter's bf16 a GPU's), with ignored rows and token weights of both signs and zeros:
+    against the fp32 reference within the dtype's tolerance, and against the torch backend in the
+    same dtype (the same GEMMs and fp32 row math) within a tenth of an ulp-sized error, where a
+    truncating bf16 cast of dlogits would be off by a whole one."""
+    hidden, weight, bias, labels = make_problem(rows, d, vocab, dtype=dtype, device="cpu", with_bias=with_bias)
+    hidden.requires_grad_(True)
+    for t in (weight, bias):
+        if t is not None:
+            t.requires_grad_(head_requires_grad)
+    upstream = torch.randn(rows)
+    upstream[1::3] = 0.0
+    inputs = (hidden, weight, bias, labels, upstream)
+    fused = fused_linear_cross_entropy
+    loss, grads = loss_and_grads(fused, *inputs, chunk_size=chunk_size, backend="triton")
+    torch_loss, torch_grads = loss_and_grads(fused, *inputs, chunk_size=chunk_size, backend="torch")
+    wide = [None if t is None else t.detach().float().requires_grad_(t.requires_grad) for t in (hidden, weight, bias)]
+    ref_loss, ref_grads = loss_and_grads(fused_linear_cross_entropy_reference, *wide, labels, upstream)
+    assert loss.dtype == torch.float32 and torch.all(loss[labels == IGNORE] == 0)
+    assert [g.dtype for g in grads] == [dtype] * (1 + (1 + with_bias) * head_requires_grad)
+    assert_close_to_max(loss, ref_loss, LOW_PRECISION_TOL[dtype], "loss vs fp32 reference")
+    torch.testing.assert_close(loss, torch_loss, rtol=1e-6, atol=1e-6)
+    for name, grad, ref_grad, torch_grad in zip(("hidden", "weight", "bias"), grads, ref_grads, torch_grads):
+        assert_close_to_max(grad, ref_grad, LOW_PRECISION_TOL[dtype], f"d{name} vs fp32 reference")
+        assert_close_to_max(grad, torch_grad, 1e-3, f"d{name} vs torch backend")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_row_operations_in_slices_of_a_few_rows(monkeypatch, dtype):
     # The torch row operations take a chunk a few rows at a time (cache-sized on a CPU): a slice

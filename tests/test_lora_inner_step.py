@@ -12,6 +12,7 @@ import perk_kernels.lora_inner_step  # noqa: F401  (the statement form must work
 from perk_kernels import expand_group_table, lora_inner_step, lora_inner_step_reference
 from perk_kernels._utils import flat_alignment, group_chunks
 from perk_kernels.lora_inner_step import _StepPlan
+from tests.triton_bf16_interpreter import assert_rounded_to_nearest
 
 # Odd group sizes against the interpreter's 64-element blocks and 128-element chunks: one smaller
 # than a block, one spanning several chunks, a single element and an empty group.
@@ -393,20 +394,26 @@ def test_clipped_step_of_an_all_zero_gradient_has_finite_gradients(backend):
         assert_close(a, b, "d grads, d lr", scale=10)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_gpu_matches_reference(dtype, tol):
-    sizes = [16 * 896, 4864 * 16, 7, 256 * 4864, 0, 4]
+def check_against_float64_reference(sizes, n_adapters, dtype, tol, device, max_grad_norm):
+    """The Triton step in ``dtype`` (params, grads, their gradients; lr in fp32) against the
+    reference in float64 on the same values, and in place equal to out of place."""
     offsets = offsets_of(sizes)
-    params, grads = (t.cuda().requires_grad_() for t in make_flat(sizes, n_adapters=8, dtype=dtype))
-    lr = make_lr("per_adapter_group", n_groups=len(sizes), n_adapters=8).cuda().requires_grad_()
-    kwargs = dict(weight_decay=0.01, max_grad_norm=50.0)
+    params, grads = (t.to(device).requires_grad_() for t in make_flat(sizes, n_adapters=n_adapters, dtype=dtype))
+    lr = make_lr("per_adapter_group", n_groups=len(sizes), n_adapters=n_adapters).to(device).requires_grad_()
+    kwargs = dict(weight_decay=0.01, max_grad_norm=max_grad_norm)
     out = lora_inner_step(params, grads, lr, offsets, backend="triton", **kwargs)
+    assert out.dtype == dtype
     # The reference in float64: the lr gradient sums ~1.2M products, and two fp32 summation orders
     # differ by more than fp32 tolerances allow; against float64 only the kernel's own error counts.
     wide = [t.detach().double().requires_grad_() for t in (params, grads, lr)]
     out_ref = lora_inner_step_reference(wide[0], wide[1], wide[2], offsets, **kwargs)
     torch.testing.assert_close(out.double(), out_ref.detach(), rtol=tol, atol=tol)
+    if dtype in (torch.bfloat16, torch.float16):
+        # Computed in fp32 and rounded once to nearest, as the kernel promises (and a GPU rounds):
+        # the slack bounds the fp32 arithmetic's error, a few of its ulps of the largest term.
+        p, g, rate = wide[0].detach(), wide[1].detach(), expand_group_table(wide[2].detach(), offsets)
+        largest_term = p.abs() + rate * (g.abs() + 0.01 * p.abs())
+        assert_rounded_to_nearest(out, out_ref, "out", slack=2**-20 * largest_term)
     d_out = torch.randn_like(out)  # rounded once, the same upstream for both
     got = torch.autograd.grad(out, [params, grads, lr], d_out)
     want = torch.autograd.grad(out_ref, wide, d_out.double())
@@ -416,3 +423,22 @@ def test_gpu_matches_reference(dtype, tol):
         inplace = params.detach().clone()
         lora_inner_step(inplace, grads.detach(), lr.detach(), offsets, inplace=True, backend="triton", **kwargs)
     torch.testing.assert_close(inplace, out.detach(), rtol=0, atol=0)
+
+
+# (dtype, tolerance against float64) of the low-precision steps (computed in fp32, rounded to dtype).
+LOW_PRECISION = [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("max_grad_norm", [None, 2.0])
+@pytest.mark.parametrize("dtype,tol", LOW_PRECISION, ids=["bf16", "fp16"])
+def test_low_precision_matches_the_float64_reference(dtype, tol, max_grad_norm):
+    """The GPU path's dtypes on the interpreter (tests/triton_bf16_interpreter.py makes its bf16 a GPU's)."""
+    check_against_float64_reference(SIZES, N_ADAPTERS, dtype, tol, "cpu", max_grad_norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), *LOW_PRECISION])
+def test_gpu_matches_reference(dtype, tol):
+    sizes = [16 * 896, 4864 * 16, 7, 256 * 4864, 0, 4]
+    check_against_float64_reference(sizes, 8, dtype, tol, "cuda", max_grad_norm=50.0)

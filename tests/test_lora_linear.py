@@ -19,7 +19,7 @@ from perk_kernels.lora_linear import (
 lora_linear_module = importlib.import_module("perk_kernels.lora_linear")
 
 # Max error relative to the largest reference magnitude, by activation dtype.
-REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
@@ -63,6 +63,27 @@ def check_against_reference(problem, adapter_ids, rel, *, backend="triton"):
         assert_rel_close(g, g_ref, rel, name)
 
 
+def check_low_precision_against_fp32_reference(problem, adapter_ids):
+    """bf16/fp16 kernels against the reference run in fp32 on the same (rounded) inputs: only the
+    kernels' own rounding counts (adapters cast to x's dtype for the dots, h and y rounded)."""
+    dtype = problem["x"].dtype
+    wide = {
+        k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in problem.items()
+    }
+    y = lora_linear(**problem, adapter_ids=adapter_ids, backend="triton")
+    y_ref = lora_linear_reference(**wide, adapter_ids=adapter_ids)
+    assert y.dtype == dtype
+    assert_rel_close(y, y_ref, REL_TOL[dtype], "y")
+    # Rounded once, the same upstream for both.
+    dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1)).to(y_ref.device, dtype)
+    inputs = [problem["x"], problem["lora_a"], problem["lora_b"]]
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, [wide["x"], wide["lora_a"], wide["lora_b"]], dy.float())
+    for name, g, g_ref, t in zip(("dx", "dA", "dB"), grads, grads_ref, inputs):
+        assert g.dtype == t.dtype, name
+        assert_rel_close(g, g_ref, REL_TOL[dtype], name)
+
+
 def ids_unsorted_with_empty_adapter(rows, n_adapters):
     """Random order; the last adapter gets no rows."""
     gen = torch.Generator().manual_seed(rows)
@@ -87,6 +108,24 @@ SHAPES = [
 def test_matches_reference_unsorted_ids_and_empty_adapter(rows, d_in, d_out, r, n_adapters):
     problem = make_problem(rows, d_in, d_out, r, n_adapters)
     check_against_reference(problem, ids_unsorted_with_empty_adapter(rows, n_adapters), REL_TOL[torch.float32])
+
+
+# Many adapters: about 5 rows each, so every 32-row tile straddles several (row masks).
+MANY_ADAPTERS = (120, 24, 40, 4, 24)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [(torch.bfloat16, shape) for shape in [*SHAPES, MANY_ADAPTERS]]
+    + [(torch.float16, shape) for shape in [SHAPES[1], SHAPES[3], MANY_ADAPTERS]],
+    ids=lambda v: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else "x".join(map(str, v)),
+)
+def test_low_precision_matches_the_fp32_reference(dtype, shape):
+    """The GPU path's dtypes on the interpreter (tests/triton_bf16_interpreter.py makes its bf16 a GPU's)."""
+    rows, d_in, d_out, r, n_adapters = shape
+    problem = make_problem(rows, d_in, d_out, r, n_adapters, dtype=dtype)
+    check_low_precision_against_fp32_reference(problem, ids_unsorted_with_empty_adapter(rows, n_adapters))
 
 
 @pytest.mark.interpreter
@@ -313,15 +352,5 @@ def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
     ids = ids_unsorted_with_empty_adapter(rows, n_adapters).cuda()
     if dtype == torch.float32:
         check_against_reference(problem, ids, REL_TOL[dtype])
-        return
-    wide = {
-        k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in problem.items()
-    }
-    y = lora_linear(**problem, adapter_ids=ids, backend="triton")
-    y_ref = lora_linear_reference(**wide, adapter_ids=ids)
-    assert_rel_close(y, y_ref, REL_TOL[dtype], "y")
-    dy = torch.randn_like(y_ref).to(dtype)  # rounded once, the same upstream for both
-    grads = torch.autograd.grad(y, [problem["x"], problem["lora_a"], problem["lora_b"]], dy)
-    grads_ref = torch.autograd.grad(y_ref, [wide["x"], wide["lora_a"], wide["lora_b"]], dy.float())
-    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
-        assert_rel_close(g, g_ref, REL_TOL[dtype], name)
+    else:
+        check_low_precision_against_fp32_reference(problem, ids)

@@ -128,6 +128,22 @@ def test_triton_path_matches_reference(with_fd, sizes, dtype, lr_dtype, tol):
     assert guard_nans(problem[0]) == 2 * sum(sizes)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("with_fd", [True, False])
+def test_triton_path_in_low_precision_rounds_v_once_like_the_reference(with_fd, dtype):
+    """The GPU path's low-precision buffers (tests/triton_bf16_interpreter.py makes the interpreter's
+    bf16 a GPU's): v's update is taken in fp32 and rounded once, bit for bit the reference's (the
+    interpreter, like torch, does not fuse the multiply-add); the lr gradient is summed in fp32."""
+    problem = make_problem(dtype=dtype, with_fd=with_fd)
+    expected = clone_problem(problem)
+    meta_grad_accumulate_reference(*expected)
+    meta_grad_accumulate(*problem, backend="triton")
+    assert torch.equal(problem[0], expected[0])
+    torch.testing.assert_close(problem[5], expected[5], atol=1e-4, rtol=1e-4)
+    assert guard_nans(problem[0]) == 2 * sum(SIZES)
+
+
 def test_vector_alignment_is_assumed_only_where_it_holds():
     aligned = make_problem(ALIGNED_SIZES, device="cpu")
     offsets = tuple(aligned[6])
