@@ -12,6 +12,7 @@ import perk_kernels.lora_inner_step  # noqa: F401  (the statement form must work
 from perk_kernels import expand_group_table, lora_inner_step, lora_inner_step_reference
 from perk_kernels._utils import flat_alignment, group_chunks
 from perk_kernels.lora_inner_step import _StepPlan
+from tools.shapes import QWEN2_5_0_5B
 
 # Odd group sizes against the interpreter's 64-element blocks and 128-element chunks: one smaller
 # than a block, one spanning several chunks, a single element and an empty group.
@@ -396,7 +397,8 @@ def test_clipped_step_of_an_all_zero_gradient_has_finite_gradients(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_gpu_matches_reference(dtype, tol):
-    sizes = [16 * 896, 4864 * 16, 7, 256 * 4864, 0, 4]
+    d_model, d_ff = QWEN2_5_0_5B.d_model, QWEN2_5_0_5B.d_ff
+    sizes = [16 * d_model, d_ff * 16, 7, 256 * d_ff, 0, 4]
     offsets = offsets_of(sizes)
     params, grads = (t.cuda().requires_grad_() for t in make_flat(sizes, n_adapters=8, dtype=dtype))
     lr = make_lr("per_adapter_group", n_groups=len(sizes), n_adapters=8).cuda().requires_grad_()
