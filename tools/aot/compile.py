@@ -44,7 +44,7 @@ class Row:
     result: dict | None = None
 
 
-def jit_function(kernel):
+def _jit_function(kernel):
     import triton
 
     while not isinstance(kernel, triton.runtime.JITFunction):
@@ -89,7 +89,7 @@ def expand(launches: list[Launch], archs: list[Arch]) -> tuple[list[Job], list[R
     rows: dict[tuple, Row] = {}
     for launch in launches:
         kernel = getattr(importlib.import_module(launch.module), launch.kernel)
-        jit_fn = jit_function(kernel)
+        jit_fn = _jit_function(kernel)
         named = dict(zip(jit_fn.arg_names, launch.args))
         has_dot = "tl.dot(" in jit_fn.src
         rank, act = launch.use[2], launch.use[3]
@@ -136,7 +136,7 @@ def compile_job(job: Job) -> dict:
     arch = ARCHS[job.arch]
     start = time.perf_counter()
     try:
-        jit_fn = jit_function(getattr(importlib.import_module(job.module), job.kernel))
+        jit_fn = _jit_function(getattr(importlib.import_module(job.module), job.kernel))
         options, signature, constexprs, attrs = _specialize(jit_fn, arch, job.args, job.kwargs)
         target = GPUTarget("cuda", arch.capability, 32)
         source = ASTSource(jit_fn, signature, constexprs, attrs)
