@@ -50,6 +50,6 @@ if ((left < 120)); then
     echo "no time left for the benchmarks ($(elapsed) s of $total s spent)"
     exit 1
 fi
-timeout -s INT -k 20 $((left - 30)) python3 benchmarks/run.py --budget $((left - 90)) --out-dir "$out" 2>&1 |
+timeout -s INT -k 20 $((left - 30)) python3 -m benchmarks.run --budget $((left - 90)) --out-dir "$out" 2>&1 |
     tee "$out/benchmarks.log"
 echo "benchmarks: exit ${PIPESTATUS[0]} after $(elapsed) s" | tee -a "$out/benchmarks.log"
