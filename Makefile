@@ -38,7 +38,7 @@ bench: install
 
 # The GPU suite at real sizes: JSON, markdown summary and plots in benchmarks/results/.
 bench-gpu: install
-	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .benchmarks

@@ -38,7 +38,6 @@ import gc
 import os
 import random
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,14 +59,11 @@ if not CUDA:
     # backend="torch" explicitly (see ENGINE_BACKEND), so they are not slowed by it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for tests.tiny_models (the offline byte-level tokenizer)
-
+from benchmarks.report import format_length  # noqa: E402,F401 — the suites name their sizes like the summary
 from perk.models import resolve_base_dtype  # noqa: E402
 from perk.tasks import parse_length  # noqa: E402
-from report import format_length  # noqa: E402,F401 — the suites name their sizes like the summary
 from tests.tiny_models import tiny_tokenizer  # noqa: E402
+from tools.shapes import QWEN2_5_0_5B, SMOLLM2_135M  # noqa: E402
 
 SIZES = ("small", "full", "cpu")
 SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
@@ -132,17 +128,7 @@ def context_lengths(full: list[int | str], small: list[int | str], cpu: list[int
 # Models, tokenizer, contexts
 # ----------------------------------------------------------------------------------------------
 
-# The real architectures (random weights: values do not change speed), as literal configs.
-QWEN2_5_0_5B = dict(
-    family="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, vocab_size=151_936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-    max_position_embeddings=32_768,
-)
-SMOLLM2_135M = dict(
-    family="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, vocab_size=49_152, tie_word_embeddings=True, rope_theta=100_000.0,
-    max_position_embeddings=8192,
-)
+# The real architectures (random weights: values do not change speed), from tools/shapes.py.
 # On CPU: the same families shrunk so the whole suite runs in minutes on two cores.
 SMALL_OVERRIDES = {
     "qwen2.5-0.5b": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -150,7 +136,7 @@ SMALL_OVERRIDES = {
     "smollm2-135m": dict(hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3,
                          num_key_value_heads=1, vocab_size=512),
 }
-ARCHITECTURES = {"qwen2.5-0.5b": QWEN2_5_0_5B, "smollm2-135m": SMOLLM2_135M}
+ARCHITECTURES = {shape.name: shape.transformers_config() for shape in (QWEN2_5_0_5B, SMOLLM2_135M)}
 
 
 def model_config(name: str, *, min_positions: int = 0):

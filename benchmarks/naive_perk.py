@@ -8,7 +8,7 @@ is one double backward through them. Nothing is fused, chunked or recomputed: th
 ``[tokens, vocab]`` logits are materialised (and upcast to fp32 by HF's loss) and every unrolled
 step's activations stay alive until the meta-backward. That is the point of the comparison.
 
-Semantics match perk's (DESIGN §4): inner step n is ``φ ← φ − lr_n,k · d_n`` with ``d_n`` the SGD
+Semantics match perk's (docs/design.md §2-§3): inner step n is ``φ ← φ − lr_n,k · d_n`` with ``d_n`` the SGD
 or AdamW direction and ``lr_n,k = lr0 · exp(u[n, k])`` per step n and adapter tensor k; the last
 ``unroll_steps`` steps are differentiated through, earlier ones have their gradient treated as a
 constant (truncated unrolling, the update itself stays differentiable in φ and lr).

@@ -1,6 +1,6 @@
 """Markdown summary and plots from pytest-benchmark JSON files of the benchmark suites.
 
-    python benchmarks/report.py RESULTS.json [MORE.json …] [--out STEM]
+    python -m benchmarks.report RESULTS.json [MORE.json …] [--out STEM]
 
 writes ``STEM.md`` (default STEM: the first file without ``.json``), ``STEM-encode.png`` and
 ``STEM-meta-step.png`` (time and peak memory against context length, log-log). Results of the
@@ -18,12 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.shapes import QWEN2_5_0_5B
+
 GIB = 1 << 30
 MIB = 1 << 20
 ENCODE_PROVIDERS = (("prompt", None), ("perk", 256), ("perk", 16), ("naive", 256))
 META_MODES = ("fd", "exact", "first_order", "naive")
 PLOT_UNROLL = 2  # the meta-step plot shows T = 2 (and first_order)
-TARGET_MODEL = "qwen2.5-0.5b"
+TARGET_MODEL = QWEN2_5_0_5B.name
 MEMORY_NOTE = (
     "peak memory is torch.cuda.max_memory_allocated over the call (absolute: weights included) on a GPU, "
     "and on CPU the increase of the process's peak RSS over the call"
@@ -437,7 +439,7 @@ def write_report(paths: list[str | Path], stem: str | Path | None = None) -> lis
     markdown = summary_markdown(report, images)
     if not can_plot:
         markdown += (
-            "\n_No plots: matplotlib is not installed here; `python benchmarks/report.py "
+            "\n_No plots: matplotlib is not installed here; `python -m benchmarks.report "
             + " ".join(Path(p).name for p in paths) + "` where it is draws them._\n"
         )
     path = stem.parent / f"{stem.name}.md"

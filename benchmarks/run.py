@@ -1,11 +1,12 @@
 """One command for the benchmark suites: pytest-benchmark JSON, markdown summary and plots.
 
-    python benchmarks/run.py                                   # every suite, sizes for this machine
-    python benchmarks/run.py --only encode_vs_prompt --sizes 64K,128K,1M
-    python benchmarks/run.py --sizes small                     # the CPU sizes, anywhere
+    python -m benchmarks.run                                   # every suite, sizes for this machine
+    python -m benchmarks.run --only encode_vs_prompt --sizes 64K,128K,1M
+    python -m benchmarks.run --sizes small                     # the CPU sizes, anywhere
 
-writes ``benchmarks/results/<device>-<date>[-<groups>].json`` (pytest-benchmark's JSON) and, by
-``benchmarks/report.py``, ``….md`` with ``…-encode.png`` and ``…-meta-step.png`` beside it.
+from the repository root (the project need not be installed: the suites' pytest gets the root on
+its PYTHONPATH). It writes ``benchmarks/results/<device>-<date>[-<groups>].json`` (pytest-benchmark's
+JSON) and, by ``benchmarks/report.py``, ``….md`` with ``…-encode.png`` and ``…-meta-step.png`` beside it.
 The engine suites (encode_vs_prompt, meta_step) run first, then the others. With CUDA the run is
 given a time budget (default 420 s, ``--budget``): past it no benchmark starts, and a size
 predicted to end after it is skipped (see benchmarks/conftest.py), so the whole command fits
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-import report
+from benchmarks import report
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = f"-{'+'.join(chosen)}" if args.only else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / f"{device_slug()}-{date}{suffix}.json"
-    command = shlex.join(["python", "benchmarks/run.py", *argv])
+    command = shlex.join(["python", "-m", "benchmarks.run", *argv])
     pytest_command = [
         sys.executable, "-m", "pytest", *(str(p) for p in chosen.values()), "--benchmark-only",
         f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider",

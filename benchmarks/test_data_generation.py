@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from conftest import SIZE, byte_tokenizer, run_benchmark
+from benchmarks.conftest import SIZE, byte_tokenizer, run_benchmark
 
 from perk.tasks import generate, iter_problems, parse_length, write_jsonl
 

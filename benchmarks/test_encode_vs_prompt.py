@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import (
+from benchmarks.conftest import (
     DEVICE,
     ENGINE_BACKEND,
     MODEL_DTYPE,
@@ -52,11 +52,12 @@ from conftest import (
     format_length,
     run_benchmark,
 )
-from naive_perk import NaivePerk
+from benchmarks.naive_perk import NaivePerk
 
 from perk.config import LLAMA_TARGETS, PerkConfig
 from perk.engine import PerkModel
 from perk.segments import build_prompt
+from tools.shapes import QWEN2_5_0_5B, SMOLLM2_135M
 
 QUESTION = "Where is the milk?"
 NEW_TOKENS = 16
@@ -95,7 +96,7 @@ class Case:
 
 def _cases() -> list[Case]:
     """In the order they run: one model per (model, provider, lora), all its lengths in a row."""
-    qwen, smollm = "qwen2.5-0.5b", "smollm2-135m"
+    qwen, smollm = QWEN2_5_0_5B.name, SMOLLM2_135M.name
     if SIZE == "cpu":  # SmolLM2-135M only, the providers side by side at each length
         return [
             Case(smollm, provider, lora, n)

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 # conftest sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is first imported.
-from conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
+from benchmarks.conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
 
 from perk_kernels._utils import interpret_mode
 from perk_kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from tools.shapes import QWEN2_5_0_5B
 
 if SIZE == "full":
-    ROWS, D, VOCAB, DTYPE, CHUNK, ROUNDS = (8192, 65536), 896, 151_936, torch.bfloat16, None, 10
+    ROWS, DTYPE, CHUNK, ROUNDS = (8192, 65536), torch.bfloat16, None, 10
+    D, VOCAB = QWEN2_5_0_5B.d_model, QWEN2_5_0_5B.vocab
 else:
     ROWS, D, VOCAB, DTYPE, CHUNK, ROUNDS = (32, 100), 48, 4099, torch.float32, 32, 3
 PROVIDERS = {

@@ -25,15 +25,16 @@ import torch
 import torch.nn.functional as F
 
 # conftest sets TRITON_INTERPRET=1 without CUDA, before perk_kernels is first imported.
-from conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
+from benchmarks.conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
 
 from perk_kernels import lora_inner_step, lora_linear, lora_linear_reference
 from perk_kernels._utils import interpret_mode
 from perk_kernels.lora_linear import lora_segments
+from tools.shapes import QWEN2_5_0_5B
 
 SCALE = 2.0
 if SIZE == "full":
-    D_MODEL, D_FF, N_LAYERS = 896, 4864, 24
+    D_MODEL, D_FF, N_LAYERS = QWEN2_5_0_5B.d_model, QWEN2_5_0_5B.d_ff, QWEN2_5_0_5B.n_layers
     LAYERS = {"up": (D_MODEL, D_FF), "down": (D_FF, D_MODEL)}
     RANKS, N_ADAPTERS, ROWS, STEP_RANK = (16, 256), (1, 8), (8192, 65536), 256
     DTYPE, ROUNDS = torch.bfloat16, 10
@@ -131,7 +132,7 @@ def test_lora_linear(benchmark, mode, provider, layer, rank, n_adapters, rows):
 def _adapter_buffer(rank: int, n_adapters: int = 1) -> tuple[torch.Tensor, list[int]]:
     """The flat (n_adapters, P) buffer of A and B of every attention and MLP projection of
     Qwen2.5-0.5B (GQA: k, v project to 128), and its group offsets (the engine's layout)."""
-    d_kv = 128 if SIZE == "full" else 8
+    d_kv = QWEN2_5_0_5B.d_kv if SIZE == "full" else 8
     projections = [(D_MODEL, D_MODEL), (D_MODEL, d_kv), (D_MODEL, d_kv), (D_MODEL, D_MODEL)]
     projections += [(D_MODEL, D_FF), (D_MODEL, D_FF), (D_FF, D_MODEL)]
     sizes = [s for d_in, d_out in projections for s in (rank * d_in, d_out * rank)] * N_LAYERS

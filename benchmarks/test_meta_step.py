@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import (
+from benchmarks.conftest import (
     DEVICE,
     ENGINE_BACKEND,
     MODEL_DTYPE,
@@ -35,13 +35,14 @@ from conftest import (
     format_length,
     run_benchmark,
 )
-from naive_perk import NaivePerk
+from benchmarks.naive_perk import NaivePerk
 
 from perk.config import LLAMA_TARGETS, PerkConfig
 from perk.engine import PerkModel
 from perk.segments import build_prompt
+from tools.shapes import QWEN2_5_0_5B
 
-MODEL = "qwen2.5-0.5b"
+MODEL = QWEN2_5_0_5B.name
 LORA = dict(rank=256, alpha=16.0, rslora=True)
 SEGMENT_LEN = 128
 INNER_STEPS = 4

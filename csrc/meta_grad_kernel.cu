@@ -1,4 +1,4 @@
-// Meta-gradient accumulation (DESIGN §4) on flat adapter buffers, two launches whatever the number of groups.
+// Meta-gradient accumulation (docs/design.md §3) on flat adapter buffers, two launches whatever the number of groups.
 //
 // v, g, g_plus, g_minus are contiguous (n_adapters, P) buffers split into G tensor groups (columns
 // [o_k, o_{k+1})). For every adapter a and group k, with v read before its update:

@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class PerkConfig:
-    """Configuration of a PERK model (DESIGN §1, §4, §5).
+    """Configuration of a PERK model (docs/design.md §2-§5).
 
     LoRA: ``rank``, ``alpha`` and ``rslora`` give the scale ``alpha / rank`` (or
     ``alpha / sqrt(rank)`` with rsLoRA, as in PEFT); ``target_modules`` are module names matched

@@ -1,4 +1,4 @@
-"""Scale-out on torch.distributed, launched by ``torchrun`` (DESIGN §8).
+"""Scale-out on torch.distributed, launched by ``torchrun`` (docs/design.md §8).
 
 Two ways of spreading work over K processes (ranks), both on ``torch.distributed`` collectives
 (NCCL on GPUs, gloo on CPUs), with no protocol of perk's own:

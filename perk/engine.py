@@ -1,6 +1,6 @@
 """PerkModel: PERK on a frozen Hugging Face causal LM — meta-parameters, encode, meta-gradients.
 
-Reads top to bottom like the algorithm (DESIGN §1, §4):
+Reads top to bottom like the algorithm (docs/design.md §1, §3):
 
 * :meth:`PerkModel.encode` — contexts → segments → N inner steps from the meta-learned init θ,
   one adapter per context, all contexts in the same forward passes (batched LoRA);
@@ -255,7 +255,7 @@ class PerkModel:
         """``(meta_loss, {name: ∂loss/∂name}, stats)`` for every meta-parameter (``config.meta_grad``).
 
         The loss is the mean answer NLL over problems; the gradient flows back through the last
-        ``unroll_steps`` inner steps (DESIGN §4): ``fd`` (central finite differences), ``exact``
+        ``unroll_steps`` inner steps (docs/design.md §3): ``fd`` (central finite differences), ``exact``
         (autograd double backward; eager attention and the torch kernels for the call) or
         ``first_order`` (no Hessian term); see :func:`perk.meta_gradient.meta_gradient`.
         """

@@ -1,4 +1,4 @@
-"""The inner loop of DESIGN §1: N steps of the inner optimizer write contexts into adapters.
+"""The inner loop of docs/design.md §2: N steps of the inner optimizer write contexts into adapters.
 
 Every context gets its own adapter, all starting at the meta-learned init θ and stepped together
 in the same forward passes (batched LoRA) on the flat buffer ``φ (n_adapters, P)``:
@@ -168,7 +168,7 @@ def inner_loop(
     """N inner steps from ``init`` (P,) with rates ``lr`` (N, G) over ``segments``; returns φ_N
     (n_adapters, P), the step records and the stats.
 
-    ``record_from``: keep the records of DESIGN §4 (d_n for every step, φ_n and ∂D/∂g for
+    ``record_from``: keep the records of docs/design.md §3 (d_n for every step, φ_n and ∂D/∂g for
     steps n ≥ record_from). ``differentiable`` (``exact`` mode): steps n ≥ N − T build their
     graph (create_graph), earlier ones use detached gradients; φ_N then carries the graph to
     ``init``, ``lr`` and ``token_weights``. Otherwise nothing is differentiated.

@@ -1,4 +1,4 @@
-"""Inner update rules and the meta-gradient walk-back of DESIGN §4, on flat adapter buffers.
+"""Inner update rules (docs/design.md §2) and the meta-gradient walk-back (§3), on flat adapter buffers.
 
 All tensors here are flat: adapters ``φ (n_adapters, P)``, learning-rate tables ``(n_adapters, G)``
 over the tensor groups of an :class:`~perk.lora.AdapterLayout`. An inner step is
@@ -120,7 +120,7 @@ def walk_back(
     row_adapters: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> MetaGradient:
-    """The reverse pass of DESIGN §4 with finite-difference Hessian-vector products.
+    """The reverse pass of docs/design.md §3 with finite-difference Hessian-vector products.
 
     Args:
         records: one per inner step, in order; steps with ``phi`` set are unrolled.
@@ -180,7 +180,7 @@ def meta_gradient(
     """The outer loss ``Σ answers' weighted NLL`` after the inner loop from ``init`` (P,) with rates
     ``lr`` (N, G) and token weights ``token_weights`` (rows, seq) over ``segments``, and its
     gradient w.r.t. those three, by
-    ``config.meta_grad``: the walk back of DESIGN §4 (``fd``, ``first_order``) or autograd
+    ``config.meta_grad``: the walk back of docs/design.md §3 (``fd``, ``first_order``) or autograd
     through the unrolled steps (``exact``). Row r of ``answers`` is asked of adapter r's context.
     """
     warn_adam_constants(config)

@@ -51,7 +51,7 @@ from perk_kernels._utils import (
 
 
 # Autotune configs. Each tile carries the largest BLOCK_R (the adapter chunk of the LoRA part) it
-# holds without spilling registers on sm_90 and on sm_80, as `python -m perk_kernels.aot_check`
+# holds without spilling registers on sm_90 and on sm_80, as `python -m tools.aot`
 # measures (0: spills at any rank there): the fused expand keeps a (BLOCK_R, BLOCK_N) fp32 adapter
 # tile beside the accumulator, so at ranks >= 64 (BLOCK_R = 64) only tiles with fewer accumulator
 # registers per thread remain, and Ampere's mma keeps more of them live than Hopper's wgmma.

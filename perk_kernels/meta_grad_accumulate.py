@@ -1,4 +1,4 @@
-"""Meta-gradient accumulation on flat adapter buffers, in place (one step of DESIGN §4's walk back).
+"""Meta-gradient accumulation on flat adapter buffers, in place (one step of the walk back, docs/design.md §3).
 
 Semantics, for every adapter a and tensor group k (columns ``[o_k, o_{k+1})`` of the flat
 (n_adapters, P) buffers, ``o = group_offsets``), reading v before its update::

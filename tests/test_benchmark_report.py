@@ -1,4 +1,4 @@
-"""benchmarks/report.py on small synthetic pytest-benchmark JSON files: tables, targets, plots."""
+"""benchmarks.report on small synthetic pytest-benchmark JSON files: tables, targets, plots."""
 
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ def _write(tmp_path, entries, name="h100.json", **top) -> str:
 
 
 def test_tables_show_time_and_memory_oom_and_missing(tmp_path):
-    path = _write(tmp_path, _gpu_results(), command="python benchmarks/run.py")
+    path = _write(tmp_path, _gpu_results(), command="python -m benchmarks.run")
     markdown = report.summary_markdown(report.load([path]), images={})
     assert markdown.startswith("# perk benchmarks — NVIDIA H100 80GB HBM3, 2026-01-02")
-    assert "`python benchmarks/run.py`" in markdown
+    assert "`python -m benchmarks.run`" in markdown
     lines = markdown.splitlines()
     assert "| L | prompt-based generate | perk r=256 | perk r=16 | naive r=256 |" in lines
     assert "| 8K | 0.41 s / 1.36 GiB | 0.3 s / 3.00 GiB | 0.2 s / 2.00 GiB | 1.3 s / 33.30 GiB |" in lines
@@ -144,7 +144,7 @@ def test_without_matplotlib_the_summary_says_how_to_plot(tmp_path, monkeypatch):
     written = report.write_report([_write(tmp_path, _gpu_results())], tmp_path / "bare")
     assert [p.name for p in written] == ["bare.md"]
     markdown = written[0].read_text()
-    assert "![" not in markdown and "`python benchmarks/report.py h100.json` where it is" in markdown
+    assert "![" not in markdown and "`python -m benchmarks.report h100.json` where it is" in markdown
 
 
 def test_load_rejects_other_json(tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/run.py end to end at the CPU sizes (the product's `pytest benchmarks` entry point),
+"""python -m benchmarks.run end to end at the CPU sizes (the product's `pytest benchmarks` entry point),
 and what an interrupted run keeps."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ENGINE_FIELDS = {
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}  # a pytest of its own
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)])
+    env["PYTHONPATH"] = str(ROOT)
     env.pop("PERK_BENCH_DEADLINE", None)
     env.pop("PERK_BENCH_LENGTHS", None)
     return env
@@ -36,13 +36,13 @@ SUBSET = (
 
 def test_run_writes_json_summary_and_plots_with_every_field(tmp_path):
     result = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--sizes", "small", "--out-dir", str(tmp_path), "--", "-k", SUBSET],
+        [sys.executable, "-m", "benchmarks.run", "--sizes", "small", "--out-dir", str(tmp_path), "--", "-k", SUBSET],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (json_path,) = tmp_path.glob("*.json")
     data = json.loads(json_path.read_text())
-    assert data["command"].startswith("python benchmarks/run.py --sizes small")
+    assert data["command"].startswith("python -m benchmarks.run --sizes small")
     assert len(data["benchmarks"]) == 8, [b["name"] for b in data["benchmarks"]]
     suites = {}
     for bench in data["benchmarks"]:
@@ -84,7 +84,7 @@ def test_an_interrupted_run_saves_the_benchmarks_that_finished(tmp_path):
     (tmp_path / "test_interrupted_suite.py").write_text(textwrap.dedent(INTERRUPTED_SUITE))
     out = tmp_path / "out.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "conftest", str(tmp_path / "test_interrupted_suite.py"),
+        [sys.executable, "-m", "pytest", "-p", "benchmarks.conftest", str(tmp_path / "test_interrupted_suite.py"),
          "--benchmark-only", f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -97,7 +97,7 @@ def test_run_py_reports_what_finished_when_interrupted(tmp_path):
     """SIGINT to run.py's process group once the first benchmarks are done: run.py waits for pytest
     to save them, then writes the summary."""
     process = subprocess.Popen(
-        [sys.executable, "benchmarks/run.py", "--only", "kernels", "--sizes", "small", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.run", "--only", "kernels", "--sizes", "small", "--out-dir", str(tmp_path)],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     output = process.stdout.readline()  # "running: …"

@@ -223,8 +223,8 @@ class SavedTensorPeak:
     Counted per storage (a storage saved twice counts once), from when autograd saves it until
     the graph holding it is freed; the model's parameters (frozen weights saved by matmuls) are
     excluded: they exist whatever the context length. This is all the activation memory of the
-    passes; what else outlives a pass is adapter-sized (gradients, the φ_n and d_n of DESIGN
-    §4) plus the context's token ids (a few bytes per token), neither of which it counts.
+    passes; what else outlives a pass is adapter-sized (gradients, the φ_n and d_n of
+    docs/design.md §3) plus the context's token ids (a few bytes per token), neither of which it counts.
     """
 
     def __init__(self, model):

@@ -1,5 +1,5 @@
 """GPU readiness without a GPU: every Triton kernel compiles for sm_90 / sm_80 without spills and
-with tensor cores (perk_kernels.aot_check), csrc/ compiles with nvcc, and the limits a GPU would hit
+with tensor cores (``python -m tools.aot``), csrc/ compiles with nvcc, and the limits a GPU would hit
 are checked up front."""
 
 import os
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from perk_kernels import aot_check
-from perk_kernels.aot_check import ARCHS, Job, Row, launch_failures, verdict
+from tools.aot.compile import Job, Row
+from tools.aot.targets import ARCHS
+from tools.aot.verdicts import format_table, launch_failures, summary_by_rank, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "perk_kernels.aot_check"],
+        [sys.executable, "-m", "tools.aot"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     output = proc.stdout + proc.stderr
@@ -74,9 +75,9 @@ def test_a_launch_needs_one_config_within_shared_memory():
 
 def test_table_and_summary_format():
     rows = [_row(), _row(spill=40), _row(pickable=False)]
-    table = aot_check.format_table(rows)
+    table = format_table(rows)
     assert "FAIL spill" in table and "pruned" in table and "HGMMA 8" in table
-    assert "256" in aot_check.summary_by_rank(rows)
+    assert "256" in summary_by_rank(rows)
 
 
 def test_cuda_build_requested_without_cuda_torch_fails_with_the_reason():
@@ -88,3 +89,13 @@ def test_cuda_build_requested_without_cuda_torch_fails_with_the_reason():
     )  # fmt: skip
     assert proc.returncode != 0
     assert "CPU-only build" in proc.stderr and "PERK_BUILD_CUDA=0" in proc.stderr
+
+
+def test_flags_are_spelled_with_underscores_and_checked(capsys):
+    from perk.cli import run_main
+    from tools.aot.__main__ import PROG, main
+
+    assert run_main(main, ["--no-csrc"], prog=PROG) == 2
+    assert "did you mean --no_csrc?" in capsys.readouterr().err
+    assert run_main(main, ["--arch", "sm_70"], prog=PROG) == 2
+    assert "choose from sm_90, sm_80" in capsys.readouterr().err

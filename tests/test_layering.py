@@ -8,12 +8,17 @@
   :mod:`perk.cli`.
 * No class is longer than a newcomer can hold in mind (``MAX_CLASS_LINES``): the engine is split
   into the adapted model, the inner loop, the meta-gradient modes and PERK's own meta-parameters.
+* The packages keep their boundaries (docs/design.md §6): ``perk_kernels`` imports nothing of
+  ``perk``; ``perk`` reaches ``perk_kernels`` through its top-level names only; neither imports the
+  repository's ``tools``, ``benchmarks`` or ``tests``; the wheel ships ``perk`` and ``perk_kernels``.
 """
 
 import ast
 from pathlib import Path
 
 import pytest
+import setuptools
+from setuptools.config.pyprojecttoml import read_configuration
 
 PACKAGE = Path(__file__).resolve().parents[1] / "perk"
 CLI_MODULES = {"perk.train", "perk.eval", "perk.encode", "perk.data", "perk.check_meta_grad"}
@@ -68,3 +73,38 @@ def test_no_class_is_over_the_size_limit(name):
     tree = ast.parse(MODULES[name].read_text())
     sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
     assert all(lines <= MAX_CLASS_LINES for lines in sizes.values()), sizes
+
+
+REPOSITORY_PACKAGES = ("tools", "benchmarks", "tests")
+
+
+def imports(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports (``from a.b import c`` counts as ``a.b``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+RUNTIME_FILES = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "perk_kernels").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", RUNTIME_FILES, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
+def test_packages_keep_their_boundaries(path):
+    package = path.relative_to(PACKAGE.parent).parts[0]
+    tops = {name.split(".")[0] for name in imports(path)}
+    assert not tops & set(REPOSITORY_PACKAGES), f"{path} imports a repository folder, which is not installed"
+    if package == "perk_kernels":
+        assert "perk" not in tops
+    else:
+        assert all(name == "perk_kernels" for name in imports(path) if name.startswith("perk_kernels"))
+
+
+def test_the_wheel_ships_the_runtime_packages_only():
+    config = read_configuration(PACKAGE.parent / "pyproject.toml", expand=False)
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = setuptools.find_packages(str(PACKAGE.parent), include=include)
+    assert {name.split(".")[0] for name in packages} == {"perk", "perk_kernels"}

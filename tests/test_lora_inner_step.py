@@ -13,6 +13,7 @@ from perk_kernels import expand_group_table, lora_inner_step, lora_inner_step_re
 from perk_kernels._utils import flat_alignment, group_chunks
 from perk_kernels.lora_inner_step import _StepPlan
 from tests.triton_bf16_interpreter import assert_rounded_to_nearest
+from tools.shapes import QWEN2_5_0_5B
 
 # Odd group sizes against the interpreter's 64-element blocks and 128-element chunks: one smaller
 # than a block, one spanning several chunks, a single element and an empty group.
@@ -440,5 +441,6 @@ def test_low_precision_matches_the_float64_reference(dtype, tol, max_grad_norm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), *LOW_PRECISION])
 def test_gpu_matches_reference(dtype, tol):
-    sizes = [16 * 896, 4864 * 16, 7, 256 * 4864, 0, 4]
+    d_model, d_ff = QWEN2_5_0_5B.d_model, QWEN2_5_0_5B.d_ff
+    sizes = [16 * d_model, d_ff * 16, 7, 256 * d_ff, 0, 4]
     check_against_float64_reference(sizes, 8, dtype, tol, "cuda", max_grad_norm=50.0)

@@ -14,6 +14,7 @@ from perk_kernels.lora_linear import (
     lora_segment_outer,
     lora_segments,
 )
+from tools.shapes import QWEN2_5_0_5B
 
 # The module itself: `perk_kernels.lora_linear` is also the name of the function it exports.
 lora_linear_module = importlib.import_module("perk_kernels.lora_linear")
@@ -345,7 +346,9 @@ def test_autotuning_keeps_tiles_that_fit_the_dtype_and_rank(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16, the engine's GPU dtype, first
-@pytest.mark.parametrize("rows,d_in,d_out,r,n_adapters", [(1000, 896, 4864, 16, 8), (333, 200, 130, 64, 3)])
+@pytest.mark.parametrize(
+    "rows,d_in,d_out,r,n_adapters", [(1000, QWEN2_5_0_5B.d_model, QWEN2_5_0_5B.d_ff, 16, 8), (333, 200, 130, 64, 3)]
+)
 def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
     """On CUDA: fp32 against the fp32 reference, bf16 against the reference run in fp32 on the same inputs."""
     problem = make_problem(rows, d_in, d_out, r, n_adapters, dtype=dtype, device="cuda")

@@ -1,4 +1,4 @@
-"""Meta-gradients of PerkModel (DESIGN §4) on tiny random models of every family.
+"""Meta-gradients of PerkModel (docs/design.md §3) on tiny random models of every family.
 
 * ``exact`` with T = N is the true gradient: ⟨∇, u⟩ equals a finite difference of ``meta_loss``.
 * ``fd`` matches ``exact`` for T ∈ {1, 2, N}; ``first_order`` differs from it.
@@ -137,7 +137,7 @@ def test_fd_matches_exact_for_every_update_rule(options):
 
 
 def reference_truncated_meta_loss(perk):
-    """The truncated objective of DESIGN §4, built independently of the engine's inner loop:
+    """The truncated objective of docs/design.md §3, built independently of the engine's inner loop:
     steps n < N − T use detached gradients, later ones keep their graph (create_graph). SGD
     only, with the engine's per-adapter clipping when ``inner_max_grad_norm`` is set."""
     config, tokenizer = perk.config, perk.tokenizer

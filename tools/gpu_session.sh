@@ -4,7 +4,7 @@
 # folder; benchmarks/results/ without it) and are written as they come: the environment and the
 # tests' log first, then the benchmarks' JSON, summary and plots, also when time runs out.
 #
-#   OUT=/some/dir bash benchmarks/gpu_session.sh [SECONDS]     # SECONDS: the whole call, default 540
+#   OUT=/some/dir bash tools/gpu_session.sh [SECONDS]     # SECONDS: the whole call, default 540
 #
 # Run from the repository root; the project need not be installed (PYTHONPATH=. is set here).
 set -uo pipefail
@@ -18,7 +18,7 @@ elapsed() { echo $(($(date +%s) - start)); }
 
 {
     date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-    echo "command: OUT=\$OUT bash benchmarks/gpu_session.sh $total"
+    echo "command: OUT=\$OUT bash tools/gpu_session.sh $total"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
     python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('transformers', transformers.__version__)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
@@ -50,6 +50,6 @@ if ((left < 120)); then
     echo "no time left for the benchmarks ($(elapsed) s of $total s spent)"
     exit 1
 fi
-timeout -s INT -k 20 $((left - 30)) python3 benchmarks/run.py --budget $((left - 90)) --out-dir "$out" 2>&1 |
+timeout -s INT -k 20 $((left - 30)) python3 -m benchmarks.run --budget $((left - 90)) --out-dir "$out" 2>&1 |
     tee "$out/benchmarks.log"
 echo "benchmarks: exit ${PIPESTATUS[0]} after $(elapsed) s" | tee -a "$out/benchmarks.log"
