@@ -1,29 +1,40 @@
-"""python -m perk.check_meta_grad — is the meta-gradient right for this model, config and dtype?
+"""python -m perk.check_meta_grad — is the meta-gradient right for this model, config, dtype and state?
 
     python -m perk.check_meta_grad [--config run.yaml] [--model M] [--base_dtype bfloat16] [--perk.rank 8 ...]
+    python -m perk.check_meta_grad --checkpoint runs/NAME     # a finished run's config and meta-parameters
 
-Run it before a long meta-training. It takes the options of ``perk.train`` (the same flags and
-YAML files, so the check sees the model, dtype and engine settings the run will use), builds a
-small problem of the training task, and compares every meta-gradient mode computed in the run's
-base-model dtype with the reference: ``exact`` (autograd double backward) on the same model in
-float32 with eager attention. It prints the cosine and the relative error ``‖g − g_ref‖/‖g_ref‖``
-of the adapter init θ and of the inner learning rates for
+Run it before a long meta-training, and on a trained run's state. It takes the options of
+``perk.train`` (the same flags and YAML files, so the check sees the model, dtype and engine
+settings the run uses), or with ``--checkpoint`` a finished ``perk.train`` run's config and its
+meta-parameters (θ and the inner rates: the state users actually train in). It generates
+``--problems`` problems of the training task and, for each one alone, compares every
+meta-gradient mode computed with the base model in the run's dtype against the reference:
+``exact`` (autograd double backward) in float32 on the same weights (rounded to the run's dtype,
+so the check isolates compute precision). Per mode it prints the median, 10th percentile and
+minimum over the problems of the cosine of the adapter init θ's gradient and of the inner rates',
+and the median relative error ``‖g − g_ref‖/‖g_ref‖``, for
 
 * ``exact`` in the run's dtype: the ceiling that dtype allows;
-* ``fd`` with the automatic step (and with ``perk.fd_epsilon`` when the config sets one);
+* ``fd`` at its step (automatic, or ``perk.fd_epsilon``) and at ``--fd_scales`` times it (how
+  robust the finite difference is to its step);
 * ``first_order``: what ignoring the Hessian costs.
 
-It exits 1 when the run's own mode (``perk.meta_grad``) has a cosine below ``--min_cosine`` for θ.
+It exits 1 when the 10th percentile of the θ cosine of the run's own mode (``perk.meta_grad``, at
+its own step) is below ``--min_cosine``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import statistics
 import time
+from pathlib import Path
 
 import torch
 
+import perk.meta_gradient as meta_gradient_module
 from perk.cli import (
     ArgumentParser,
     UsageError,
@@ -32,9 +43,9 @@ from perk.cli import (
     positive_int,
     run_main,
 )
-from perk.engine import PerkModel
+from perk.engine import PerkModel, load_tensors, read_pretrained
 from perk.models import load_base_model, resolve_base_dtype
-from perk.runs import TrainConfig, resolve_device
+from perk.runs import PERK_DIR, RESOLVED_CONFIG, TrainConfig, read_run_config, resolve_device
 from perk.tasks import generate
 
 PARAMETERS = ("adapter_init", "inner_lr_log")
@@ -50,17 +61,49 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (q in [0, 1]) by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def fd_scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+    if any(not s > 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return scales
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     parser = ArgumentParser(prog="python -m perk.check_meta_grad", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a finished perk.train run directory: check its config and its meta-parameters")
     parser.add_argument("--config", metavar="FILE.yaml", help="a perk.train config (e.g. a run's config.yaml)")
     parser.add_argument("--min_cosine", type=float, default=0.95,
-                        help="fail below this cosine of the run's mode to the reference (default: 0.95)")
+                        help="fail when the 10th percentile of the run's mode's θ cosine is below this (default: 0.95)")
     parser.add_argument("--context_tokens", type=int, default=None,
-                        help="context length of the check problem (default: 2 segments, at least 256 tokens)")
-    parser.add_argument("--problems", type=positive_int, default=1, help="problems in the check's meta-batch (default: 1)")
+                        help="context length of the check problems (default: 2 segments, at least 256 tokens)")
+    parser.add_argument("--problems", type=positive_int, default=4,
+                        help="problems checked, one at a time (default: 4)")
+    parser.add_argument("--fd_scales", type=fd_scales, default=(0.5, 2.0),
+                        help="also run fd at these multiples of its step (default: 0.5,2; empty: none)")
     add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
-    config = build_config(TrainConfig, args)
+    defaults = None
+    if args.checkpoint is not None:
+        if args.config:
+            raise UsageError("--checkpoint takes the run's config: pass --config or --checkpoint, not both")
+        if not (args.checkpoint / PERK_DIR).is_dir() or not (args.checkpoint / RESOLVED_CONFIG).is_file():
+            raise UsageError(f"--checkpoint {args.checkpoint}: not a finished perk.train run "
+                             f"(no {PERK_DIR}/ or {RESOLVED_CONFIG})")
+        defaults = read_run_config(args.checkpoint)
+    config = build_config(TrainConfig, args, defaults)
     if not 0.0 < args.min_cosine <= 1.0:
         raise UsageError(f"--min_cosine must be in (0, 1], got {args.min_cosine}")
     if args.context_tokens is not None and args.context_tokens < 8:
@@ -68,51 +111,94 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     return args, config
 
 
-def perk_model(config: TrainConfig, dtype: torch.dtype, device: str, meta_grad: str) -> PerkModel:
-    """The run's PERK model with its base in ``dtype`` and the meta-gradient mode ``meta_grad``."""
-    model, tokenizer = load_base_model(config.model, dtype=dtype, device=device)
-    return PerkModel.from_base(model, tokenizer, dataclasses.replace(config.perk, meta_grad=meta_grad))
+def saved_meta_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    try:
+        _, _, tensors = read_pretrained(run_dir / PERK_DIR)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--checkpoint {run_dir}: damaged {PERK_DIR}/ ({err})") from None
+    return tensors
+
+
+def perk_models(config: TrainConfig, dtype: torch.dtype, device: str,
+                saved: dict[str, torch.Tensor] | None) -> tuple[PerkModel, PerkModel]:
+    """(reference, checked): the run's PERK model with its base in fp32 and in ``dtype``, on the
+    same ``dtype``-rounded weights, with the saved meta-parameters when given."""
+    base, tokenizer = load_base_model(config.model, dtype=dtype, device=device)
+    models = []
+    for model in (copy.deepcopy(base).float(), base):
+        pm = PerkModel.from_base(model, tokenizer, dataclasses.replace(config.perk))
+        if saved is not None:
+            try:
+                load_tensors(pm.meta_parameters(), saved, source=f"{PERK_DIR}/")
+            except ValueError as err:
+                raise UsageError(f"--checkpoint does not fit base model {config.model}: {err}") from None
+        models.append(pm)
+    return models[0], models[1]
+
+
+def gradient(model: PerkModel, problem: dict, mode: str, epsilon: float | None, scale: float) -> tuple[dict, float]:
+    """One problem's meta-gradient in ``mode``, fd at ``scale`` times its step; and its seconds."""
+    model.config.meta_grad, model.config.fd_epsilon = mode, None if epsilon is None else epsilon * scale
+    automatic = meta_gradient_module.FD_STEP_SCALE
+    if epsilon is None:
+        meta_gradient_module.FD_STEP_SCALE = automatic * scale
+    try:
+        start = time.perf_counter()
+        _, grads, _ = model.meta_gradient([problem])
+        return grads, time.perf_counter() - start
+    finally:
+        meta_gradient_module.FD_STEP_SCALE = automatic
 
 
 def main(argv: list[str] | None = None) -> int:
     args, config = parse_args(argv)
     device = resolve_device(config.device)
     dtype = resolve_base_dtype(config.base_dtype, device)
-    print(f"perk.check_meta_grad: {config.model}, base model in {str(dtype)[6:]} on {device}; "
-          f"reference: exact in float32", flush=True)
-
-    reference = perk_model(config, torch.float32, device, "exact")
+    saved = None if args.checkpoint is None else saved_meta_parameters(args.checkpoint)
+    state = f"the meta-parameters of {args.checkpoint}" if saved is not None else "meta-parameters at their init"
+    print(f"perk.check_meta_grad: {config.model}, base model in {str(dtype)[6:]} on {device}, {state}; "
+          f"reference: exact in float32 on the same weights", flush=True)
+    reference, checked = perk_models(config, dtype, device, saved)
     tokens = args.context_tokens or max(256, 2 * config.perk.segment_len)
     problems = [p.to_json() for p in generate(config.data.task, args.problems, tokens, reference.tokenizer,
                                               seed=config.data.seed)]
-    _, want, _ = reference.meta_gradient(problems)
-    del reference
+    epsilon = config.perk.fd_epsilon
+    modes = [("exact", None, 1.0), ("fd", epsilon, 1.0)]
+    modes += [("fd", epsilon, s) for s in args.fd_scales if s != 1.0]
+    modes += [("first_order", None, 1.0)]
+    results: dict[tuple, list[dict]] = {m: [] for m in modes}
+    for problem in problems:
+        want, _ = gradient(reference, problem, "exact", None, 1.0)
+        for mode in modes:
+            got, seconds = gradient(checked, problem, *mode)
+            results[mode].append({
+                **{f"cosine {k}": cosine(got[k], want[k]) for k in PARAMETERS},
+                **{f"rel_error {k}": relative_error(got[k], want[k]) for k in PARAMETERS},
+                "seconds": seconds,
+            })
 
-    checked = perk_model(config, dtype, device, "exact")
-    modes = [("exact", None), ("fd", None), ("first_order", None)]
-    if config.perk.fd_epsilon is not None:
-        modes.insert(2, ("fd", config.perk.fd_epsilon))
-    print(f"\n{config.data.task}, {tokens}-token context, {args.problems} problem(s); rank {config.perk.rank}, "
-          f"N={config.perk.inner_steps}, T={config.perk.unroll_steps}, {config.perk.inner_optimizer}, "
-          f"clip {config.perk.inner_max_grad_norm}\n")
-    print("| mode | fd step | cosine θ | rel. error θ | cosine lr | rel. error lr | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    results = {}
-    for mode, epsilon in modes:
-        checked.config.meta_grad, checked.config.fd_epsilon = mode, epsilon
-        start = time.perf_counter()
-        _, got, _ = checked.meta_gradient(problems)
-        seconds = time.perf_counter() - start
-        scores = {name: (cosine(got[name], want[name]), relative_error(got[name], want[name])) for name in PARAMETERS}
-        results[mode, epsilon] = scores
-        step = "-" if mode != "fd" else ("auto" if epsilon is None else f"{epsilon:g}")
-        cells = " | ".join(f"{c:.4f} | {e:.3g}" for c, e in scores.values())
-        print(f"| {mode} | {step} | {cells} | {seconds:.1f} |", flush=True)
+    print(f"\n{config.data.task}, {tokens}-token contexts, {args.problems} problem(s), one at a time; rank "
+          f"{config.perk.rank}, N={config.perk.inner_steps}, T={config.perk.unroll_steps}, "
+          f"{config.perk.inner_optimizer}, clip {config.perk.inner_max_grad_norm}, segments of "
+          f"{config.perk.segment_len}\n")
+    print("| mode | fd step | cosine θ: median | p10 | min | rel. error θ: median "
+          "| cosine rates: median | p10 | min | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (mode, eps, scale), rows in results.items():
+        step = "-" if mode != "fd" else ("auto" if eps is None else f"{eps:g}") + ("" if scale == 1.0 else f" x{scale:g}")
+        cells = []
+        for k in PARAMETERS:
+            values = [r[f"cosine {k}"] for r in rows]
+            cells += [f"{statistics.median(values):.4f}", f"{percentile(values, 0.1):.4f}", f"{min(values):.4f}"]
+            if k == "adapter_init":
+                cells.append(f"{statistics.median(r[f'rel_error {k}'] for r in rows):.3g}")
+        seconds = statistics.mean(r["seconds"] for r in rows)
+        print(f"| {mode} | {step} | {' | '.join(cells)} | {seconds:.1f} |", flush=True)
 
     mode = config.perk.meta_grad
-    judged = results[mode, config.perk.fd_epsilon if mode == "fd" else None]["adapter_init"][0]
+    judged = percentile([r["cosine adapter_init"] for r in results[mode, epsilon if mode == "fd" else None, 1.0]], 0.1)
     ok = judged >= args.min_cosine
-    print(f"\nthe run's mode ({mode}): cosine {judged:.4f} to the reference, "
+    print(f"\nthe run's mode ({mode}): 10th percentile of the θ cosine over {args.problems} problem(s) {judged:.4f}, "
           f"{'at or above' if ok else 'BELOW'} --min_cosine {args.min_cosine}")
     return 0 if ok else 1
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -164,6 +165,7 @@ def inner_loop(
     record_from: int | None = None,
     differentiable: bool = False,
     group=None,
+    before_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[InnerStepRecord], PerkStats]:
     """N inner steps from ``init`` (P,) with rates ``lr`` (N, G) over ``segments``; returns φ_N
     (n_adapters, P), the step records and the stats.
@@ -178,6 +180,9 @@ def inner_loop(
     all-reduces the inner gradient and losses, so the sum is the whole gradient and every rank
     (clipping included) takes the step one process would take on all rows. ``stats.context_tokens``
     then counts this rank's rows only.
+
+    ``before_step(n)``, when given, is called before step n's pass (the meta-gradient uses it to
+    switch the base model to fp32 for its last steps).
     """
     if group is not None and differentiable:
         raise ValueError("a context sharded over a process group is encoded without a graph (differentiable=False)")
@@ -191,6 +196,8 @@ def inner_loop(
     losses = torch.zeros(config.inner_steps, n_adapters, dtype=adapted.dtype, device=adapted.device)
     nonfinite = torch.zeros(config.inner_steps, n_adapters, dtype=torch.bool, device=adapted.device)
     for n in range(config.inner_steps):
+        if before_step is not None:
+            before_step(n)
         unrolled = differentiable and n >= config.inner_steps - config.unroll_steps
         result = adapted.loss_and_grad(
             segments, phi if unrolled else phi.detach(), create_graph=unrolled,

@@ -45,8 +45,9 @@ SmolLM2-135M (see :data:`FD_STEP_SCALE`).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,9 @@ from perk.segments import TokenBatch
 # ceiling (the cosine of exact double backward in bf16 to the fp32 reference) for ε between
 # 0.004·‖φ‖ and 0.013·‖φ‖; κ·δ_bf16^(1/3) = 0.04 · 0.198 puts ε at 0.008·‖φ‖, inside that range.
 FD_STEP_SCALE = 0.04
+# Contexts shorter than this (tokens per adapter) get fp32 passes in fd (see float32_from): tiny
+# contexts of 42-47 tokens needed them, 256-token ones did not; nothing was measured in between.
+FLOAT32_BELOW_TOKENS = 128
 _warned_adam_constants = False
 
 
@@ -190,13 +194,61 @@ def meta_gradient(
     return mode(adapted, config, init, lr, segments, answers, token_weights)
 
 
+def float32_from(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch) -> int | None:
+    """The inner step from which ``fd`` runs its passes with the base model in fp32 (None: never).
+
+    A bf16/fp16 base model whose contexts are short (an adapter with fewer than
+    :data:`FLOAT32_BELOW_TOKENS` context tokens) runs its last T inner steps, the outer pass and the
+    finite-difference probes in fp32, with fp32's smaller step; the first N − T steps stay in the
+    base dtype. On such contexts the Hessian term of the meta-gradient is larger than the
+    first-order one (‖g_exact − g_first_order‖ = 1.2-1.6 ‖g_first_order‖ measured on SmolLM2-135M)
+    and changes over a shorter scale than the bf16 step ε resolves: fd in bf16 loses 4-12% of
+    the cosine there, fd at half the step recovers most of it, fp32 passes all of it
+    (``benchmarks/results/meta-grad-fidelity.md``).
+    """
+    if adapted.model.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if int(segments.tokens_per_adapter().min()) >= FLOAT32_BELOW_TOKENS:
+        return None
+    return config.inner_steps - config.unroll_steps
+
+
+@contextlib.contextmanager
+def float32_base(model: torch.nn.Module) -> Iterator[None]:
+    """The base model's bf16/fp16 parameters in fp32 inside the block, in their own dtype after.
+    Their values do not change (bf16 and fp16 are exact in fp32): only the compute precision does."""
+    low = [p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [p.dtype for p in low]
+    for p in low:
+        p.data = p.data.float()
+    try:
+        yield
+    finally:
+        for p, dtype in zip(low, dtypes):
+            p.data = p.data.to(dtype)
+
+
 def _walk_back(adapted, config, init, lr, segments, answers, token_weights):
     """``fd`` / ``first_order``: the forward records adapter-sized state, then walk back (§4)."""
+    with contextlib.ExitStack() as precision:
+        start = float32_from(adapted, config, segments) if config.meta_grad == "fd" else None
+
+        def before_step(n):
+            if n == start:
+                precision.enter_context(float32_base(adapted.model))
+
+        result = _walk_back_passes(adapted, config, init, lr, segments, answers, token_weights, before_step)
+    return result
+
+
+def _walk_back_passes(adapted, config, init, lr, segments, answers, token_weights, before_step):
     unroll = config.unroll_steps if config.meta_grad == "fd" else 0
     with torch.no_grad():
         phi, records, stats = inner_loop(
-            adapted, config, init, lr, segments, token_weights, record_from=config.inner_steps - unroll
+            adapted, config, init, lr, segments, token_weights, record_from=config.inner_steps - unroll,
+            before_step=before_step,
         )
+    before_step(config.inner_steps)  # the outer pass and the walk back's passes
     outer = adapted.loss_and_grad(answers, phi)
     check_outer_loss(outer.losses)
 

@@ -1,0 +1,321 @@
+"""Fidelity of bf16 meta-gradients as a distribution over problems, settings and meta-parameter states.
+
+    python -m benchmarks.meta_grad_fidelity [--problems 5] [--max_minutes 9] [--trained STATE]
+    python -m benchmarks.meta_grad_fidelity --report     # json + md summary, and README's table
+
+Every case is one problem (one adapter) of a family — ``qa1`` (generated babilong/qa1, 256 tokens),
+``student_records`` (generated student_records/recall, 256 tokens) or ``tiny`` (three short
+documents, ~60 tokens in all, the shape of the fidelity test's problem) — in one setting:
+
+* ``test``: the fidelity test's engine (rank 8, N=3 SGD steps, T=2, 32-token segments, inner lr
+  0.3, no clipping);
+* ``train``: ``perk.train``'s engine (rank 16, N=4, T=1, inner lr 0.7, clipping at 1.0, 128-token
+  segments), and ``train-seg32`` the same with 32-token segments;
+
+with the meta-parameters (θ, inner rates) at ``init`` (LoRA init, B = 0), ``B-perturbed`` (B ~
+N(0, 0.02²), standing in for a meta-trained θ) or ``trained`` (the state of a real meta-training:
+``--trained``, an arm's state of ``benchmarks.meta_grad_convergence`` or a finished ``perk.train``
+run directory). The reference is ``exact`` with the base model in fp32 holding the same
+bf16-rounded weights as the bf16 model, so every difference is bf16 compute. Against it, with the
+base model in bf16: ``exact`` (the bf16 ceiling), ``fd`` at 0.5x, 1x and 2x its automatic step
+(``fd`` at 1x being what the library runs: with its fp32 passes where :func:`perk.meta_gradient.float32_from`
+chooses them), ``fd-bf16`` (``fd`` with every pass in bf16, the behaviour before the fp32 passes),
+``fd-fp32-last`` (the last T steps and what follows in fp32, forced) and ``first_order``: the cosine
+and relative error of ∂L/∂θ and of the log-rates' gradient. Each case also records what explains
+it: context tokens, the fp32 inner losses and inner gradient norms per step (clipping acts where
+the norm exceeds the threshold), the fp32 meta-gradient's norm, and the share of it that
+first_order misses (the Hessian term: ``‖g_exact − g_first_order‖ / ‖g_first_order‖`` in fp32).
+
+Cases are appended to ``meta-grad-fidelity.jsonl`` one line each, so the run can be stopped and
+resumed (``--max_minutes``; rerun the same command); ``--report`` summarises the lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import perk.meta_gradient as meta_gradient_module
+from perk import PerkConfig, PerkModel
+from perk.check_meta_grad import cosine, relative_error
+from perk.inner_loop import inner_loop
+from perk.models import load_base_model
+from perk.runs import TrainConfig
+from perk.tasks import generate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STEM = "meta-grad-fidelity"
+FAMILIES = {"qa1": ("babilong/qa1", 256), "student_records": ("student_records/recall", 256), "tiny": (None, 60)}
+TRAIN = TrainConfig().perk
+SETTINGS = {
+    "test": PerkConfig(rank=8, inner_steps=3, unroll_steps=2, segment_len=32, inner_lr=0.3),
+    "train": TRAIN,
+    "train-seg32": dataclasses.replace(TRAIN, segment_len=32),
+}
+THETAS = ("init", "B-perturbed", "trained")
+FD_SCALES = (0.5, 1.0, 2.0)
+B_SIGMA = 0.02
+PARAMETERS = ("adapter_init", "inner_lr_log")
+NAMES = ("Mary", "John", "Sandra", "Daniel", "Emma", "Oliver", "Lucy", "Peter")
+PLACES = ("kitchen", "garden", "office", "hallway", "bedroom", "bathroom", "cellar", "garage")
+VERBS = ("went to", "moved to", "travelled to", "journeyed to")
+
+
+def tiny_problem(seed: int) -> dict:
+    """Three documents of two movements each (~60 tokens in all); where is someone at the end?"""
+    rng = random.Random(seed)
+    names = rng.sample(NAMES, 3)
+    where, documents = {}, []
+    for _ in range(3):
+        sentences = []
+        for _ in range(2):
+            name, place = rng.choice(names), rng.choice(PLACES)
+            where[name] = place
+            sentences.append(f"{name} {rng.choice(VERBS)} the {place}.")
+        documents.append(" ".join(sentences))
+    name = rng.choice(sorted(where))
+    return {"context": documents, "question": f"Where is {name}?", "answer": where[name]}
+
+
+def family_problems(family: str, n: int, tokenizer) -> list[dict]:
+    task, tokens = FAMILIES[family]
+    if task is None:
+        return [tiny_problem(seed) for seed in range(n)]
+    return [p.to_json() for p in generate(task, n, tokens, tokenizer, seed=0)]
+
+
+def load_trained(path: Path) -> dict[str, torch.Tensor]:
+    """Meta-parameters of a convergence-study arm state (``.pt``) or a finished perk.train run."""
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True)["params"]
+    from perk.checkpoint import read_safetensors
+    from perk.runs import PERK_DIR
+
+    return read_safetensors(path / PERK_DIR / "perk_meta.safetensors")
+
+
+class Setting:
+    """The fp32 reference and the bf16 model of one setting, on the same bf16-rounded weights."""
+
+    def __init__(self, name: str, base, tokenizer):
+        self.name, self.config = name, SETTINGS[name]
+        rounded = copy.deepcopy(base).to(torch.bfloat16)
+        self.reference = PerkModel.from_base(copy.deepcopy(rounded).float(), tokenizer, dataclasses.replace(self.config))
+        self.bf16 = PerkModel.from_base(rounded, tokenizer, dataclasses.replace(self.config))
+        self.init = {k: v.detach().clone() for k, v in self.reference.meta_parameters().items()}
+
+    def theta(self, kind: str, seed: int, trained: dict | None) -> dict[str, torch.Tensor] | None:
+        if kind == "init":
+            return self.init
+        if kind == "trained":
+            if trained is None or trained["adapter_init"].shape != self.init["adapter_init"].shape:
+                return None
+            return trained
+        params = {k: v.clone() for k, v in self.init.items()}
+        layout, generator = self.reference.layout, torch.Generator().manual_seed(1000 + seed)
+        for group in range(1, layout.n_groups, 2):  # B of every module
+            start, end = layout.offsets[group], layout.offsets[group + 1]
+            params["adapter_init"][start:end] = B_SIGMA * torch.randn(end - start, generator=generator)
+        return params
+
+
+def load_params(model: PerkModel, params: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in model.meta_parameters().items():
+            tensor.copy_(params[name])
+
+
+@contextlib.contextmanager
+def fd_variant(scale: float, float32_from):
+    """fd at ``scale`` times its automatic step, with the fp32 passes chosen by ``float32_from``
+    (a policy like :func:`perk.meta_gradient.float32_from`; None: the library's own)."""
+    saved = meta_gradient_module.FD_STEP_SCALE, meta_gradient_module.float32_from
+    meta_gradient_module.FD_STEP_SCALE = saved[0] * scale
+    if float32_from is not None:
+        meta_gradient_module.float32_from = float32_from
+    try:
+        yield
+    finally:
+        meta_gradient_module.FD_STEP_SCALE, meta_gradient_module.float32_from = saved
+
+
+def gradient(model: PerkModel, problem: dict, mode: str) -> tuple[dict, float]:
+    model.config.meta_grad = mode
+    start = time.perf_counter()
+    _, grads, _ = model.meta_gradient([problem])
+    return grads, time.perf_counter() - start
+
+
+def inner_diagnostics(model: PerkModel, problem: dict) -> dict:
+    """fp32 inner losses and inner gradient norms per step (‖d_n‖ = min(‖g_n‖, clip) for SGD)."""
+    segments, _ = model._problem_batches([problem])
+    with torch.no_grad():
+        _, records, stats = inner_loop(model.adapted, model.config, model.adapter_init, model.inner_learning_rates(),
+                                       segments, None, record_from=model.config.inner_steps)
+    return {"context_tokens": segments.n_tokens, "inner_losses": stats.inner_losses[:, 0].tolist(),
+            "inner_grad_norms": [float(r.direction.norm()) for r in records]}
+
+
+def run_case(setting: Setting, problem: dict, params: dict) -> dict:
+    """Every mode of one case against the fp32 reference."""
+    load_params(setting.reference, params)
+    load_params(setting.bf16, params)
+    want, seconds = gradient(setting.reference, problem, "exact")
+    case = {"reference_seconds": seconds, **inner_diagnostics(setting.reference, problem)}
+    first_order, _ = gradient(setting.reference, problem, "first_order")
+    case["reference_norm"] = {k: float(want[k].norm()) for k in PARAMETERS}
+    case["hessian_share"] = {k: relative_error(want[k], first_order[k]) for k in PARAMETERS}
+    n, t = setting.config.inner_steps, setting.config.unroll_steps
+    modes = [("exact", "exact", 1.0, None)]
+    modes += [(f"fd x{scale:g}", "fd", scale, None) for scale in FD_SCALES]
+    modes += [("fd-bf16", "fd", 1.0, lambda *_: None), ("fd-fp32-last", "fd", 1.0, lambda *_: n - t),
+              ("first_order", "first_order", 1.0, None)]
+    case["modes"] = {}
+    for name, mode, scale, policy in modes:
+        with fd_variant(scale, policy):
+            got, seconds = gradient(setting.bf16, problem, mode)
+        case["modes"][name] = {
+            **{f"cosine {k}": cosine(got[k], want[k]) for k in PARAMETERS},
+            **{f"rel_error {k}": relative_error(got[k], want[k]) for k in PARAMETERS},
+            "seconds": seconds,
+        }
+    return case
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problems", type=int, default=5, help="problems per family")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--thetas", default=",".join(THETAS))
+    parser.add_argument("--trained", type=Path, default=Path("runs/meta-grad-convergence/exact-fp32.pt"),
+                        help="meta-parameters after real meta-training (a convergence arm's .pt or a perk.train run)")
+    parser.add_argument("--max_minutes", type=float, default=None, help="stop (resumably) after about this long")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only summarise the cases run so far")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    lines_file = args.out / f"{STEM}.jsonl"
+    if args.report:
+        write_report(args.out, [json.loads(line) for line in lines_file.read_text().splitlines()])
+        return 0
+    start = time.perf_counter()
+    done = set()
+    if lines_file.exists():
+        done = {(c["family"], c["problem"], c["setting"], c["theta"]) for c in map(json.loads, lines_file.open())}
+    base, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
+    trained = load_trained(args.trained) if args.trained.exists() else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    problems = {f: family_problems(f, args.problems, tokenizer) for f in args.families.split(",")}
+    for setting_name in args.settings.split(","):
+        setting = None
+        for theta in args.thetas.split(","):
+            for family, family_list in problems.items():
+                for index, problem in enumerate(family_list):
+                    if (family, index, setting_name, theta) in done:
+                        continue
+                    if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+                        print("time is up; rerun the same command to continue", flush=True)
+                        return 0
+                    setting = setting or Setting(setting_name, base, tokenizer)
+                    params = setting.theta(theta, index, trained)
+                    if params is None:
+                        continue
+                    case = {"family": family, "problem": index, "setting": setting_name, "theta": theta,
+                            **run_case(setting, problem, params),
+                            "commit": commit, "date": datetime.date.today().isoformat(),
+                            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+                    with lines_file.open("a") as f:
+                        f.write(json.dumps(case) + "\n")
+                    fd = case["modes"]["fd x1"]
+                    print(f"{family} #{index} {setting_name} {theta}: fd cos θ {fd['cosine adapter_init']:.3f} "
+                          f"rates {fd['cosine inner_lr_log']:.3f}; bf16-only "
+                          f"{case['modes']['fd-bf16']['cosine adapter_init']:.3f}; exact-bf16 "
+                          f"{case['modes']['exact']['cosine adapter_init']:.3f}; "
+                          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between order statistics."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def write_report(out: Path, cases: list[dict]) -> None:
+    """Group the cases (realistic = contexts of >= 256 tokens, tiny) and write json + md."""
+    groups: dict[tuple, list[dict]] = {}
+    for case in cases:
+        size = "tiny" if case["family"] == "tiny" else "realistic"
+        groups.setdefault((size, case["setting"], case["theta"]), []).append(case)
+        groups.setdefault((size, "all", "all"), []).append(case)
+    summary = []
+    for (size, setting, theta), members in sorted(groups.items()):
+        for mode in members[0]["modes"]:
+            row = {"contexts": size, "setting": setting, "theta": theta, "mode": mode, "cases": len(members)}
+            for k in PARAMETERS:
+                values = [m["modes"][mode][f"cosine {k}"] for m in members]
+                row[f"median cosine {k}"] = statistics.median(values)
+                row[f"p10 cosine {k}"] = percentile(values, 0.1)
+                row[f"min cosine {k}"] = min(values)
+                row[f"median rel_error {k}"] = statistics.median(m["modes"][mode][f"rel_error {k}"] for m in members)
+            summary.append(row)
+    commits = sorted({c["commit"] for c in cases})
+    meta = {"command": "python -m benchmarks.meta_grad_fidelity", "commits": commits,
+            "dates": sorted({c["date"] for c in cases}), "machine": cases[0]["machine"]}
+    (out / f"{STEM}.json").write_text(json.dumps({**meta, "summary": summary}, indent=1))
+    md = [f"# bf16 meta-gradient fidelity as a distribution ({', '.join(meta['dates'])})", "",
+          f"`{meta['command']}` (commits {', '.join(commits)}) on {meta['machine']}; SmolLM2-135M real weights; "
+          "cosine of each bf16 mode's gradient to `exact` in fp32 on the same bf16-rounded weights, per problem. "
+          "Realistic: babilong/qa1 and student_records/recall contexts of 256 tokens; tiny: three short documents "
+          "(~60 tokens). Raw cases (with inner losses, inner gradient norms, the fp32 meta-gradient's norm): "
+          f"`{STEM}.jsonl`.", "",
+          "`fd x1` is the library's `fd` at the commit that ran the case (the cases of commit 34d0ef2 ran the "
+          "branch's working tree before `perk.meta_gradient.float32_from` chose fp32 passes, so there it equals "
+          "`fd-bf16`); `fd-fp32-last` is what the default now runs on contexts under "
+          "`perk.meta_gradient.FLOAT32_BELOW_TOKENS` tokens.", "",
+          fidelity_table(summary, overall=False), ""]
+    (out / f"{STEM}.md").write_text("\n".join(md))
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- fidelity-table: begin -->", "<!-- fidelity-table: end -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        readme.write_text(head + begin + "\n" + fidelity_table(summary, overall=True) + "\n" + end + tail)
+    print("\n".join(md))
+
+
+def fidelity_table(summary: list[dict], *, overall: bool) -> str:
+    """Markdown table: median / 10th percentile / min cosine of θ's and the rates' gradients."""
+    rows = [r for r in summary if (r["setting"] == "all") == overall]
+    lines = ["| contexts | setting | θ | mode | cases | θ: median / p10 / min | rates: median / p10 / min |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [" / ".join(f"{r[f'{s} cosine {k}']:.3f}" for s in ("median", "p10", "min")) for k in PARAMETERS]
+        lines.append(f"| {r['contexts']} | {r['setting']} | {r['theta']} | {r['mode']} | {r['cases']} | "
+                     f"{cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
