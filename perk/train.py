@@ -77,6 +77,7 @@ from perk.runs import (
     read_run_config,
     resolve_device,
     save_ftic_adapter,
+    set_threads,
     save_resolved_config,
 )
 from perk.tasks import generate, read_problems, with_support_target
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     explicit = {k[4:] for k in vars(args) if k.startswith("cfg:")} | ({"config"} if args.config else set())
     run_dir, config = resolve_run(config, args.resume, explicit)  # reads only: no process has written yet
     launch = from_torchrun(resolve_device(config.device))
+    set_threads(config.threads)
     try:
         return train_and_evaluate(args, config, run_dir, launch, started)
     finally:
@@ -334,7 +336,8 @@ def train_and_evaluate(args: argparse.Namespace, config: TrainConfig, run_dir: P
     torch.manual_seed(config.perk.seed)
 
     processes = f" ({launch.world_size} processes, {launch.backend})" if launch.distributed else ""
-    say(f"perk.train: run {run_dir} on {device}{processes}; loading {config.model}", flush=True)
+    threads = f", {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}"
+    say(f"perk.train: run {run_dir} on {device}{processes}{threads}; loading {config.model}", flush=True)
     dtype = from_rank0(resolve_base_dtype(config.base_dtype, device), launch)
     model, tokenizer = load_base_model(config.model, dtype=dtype, device=device)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
