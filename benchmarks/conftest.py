@@ -74,7 +74,7 @@ SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
 if SIZE not in SIZES:
     raise ValueError(f"PERK_BENCH_SIZE must be one of {SIZES}, got {SIZE!r}")
 # The suites that have a ``cpu`` size; the others skip at it.
-CPU_SIZE_SUITES = ("test_encode_vs_prompt.py",)
+CPU_SIZE_SUITES = ("test_encode_vs_prompt.py", "test_cpu_speed.py")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
 # Base models in bf16 on GPU (as served); fp32 on CPU (the interpreter and many CPU ops lack bf16).
