@@ -14,17 +14,20 @@ change speed), one intra-op thread unless a row says otherwise:
   (PEFT adapters, autograd, HF's loss on materialised logits) at 1K and 4K tokens, with both base
   models in the same dtype: the one perk picks on this machine (``base_dtype=auto``) and, when
   that is bf16, fp32 as a second pair (``PERK_BENCH_CPU_DTYPES=float32,bfloat16`` names the pairs).
-  PEFT keeps its adapters in fp32 over a bf16 base, as perk does. perk and naive alternate per length.
+  PEFT keeps its adapters in fp32 over a bf16 base, as perk does. Per dtype: perk and naive at 1K,
+  then perk at 4K, then naive at 4K (a model is built once per provider and length group).
 * ``encode-threads`` perk's 1K encode on every physical core (``perk.runs.resolve_threads(0)``),
   beside its one-thread row: the scaling of ``threads``.
 * ``meta-step``  one meta-training step of ``make run``'s configuration (``TrainConfig()``: fd,
   T = 1 of N = 4 clipped SGD steps, r = 16, 2 problems × 256 tokens; meta-gradient + Adam update),
   perk on one thread and on every core, beside ``naive_perk.py``'s ``create_graph`` meta-gradient
-  (eager attention, the 2 problems one after the other) on every core.
+  (eager attention, the 2 problems one after the other) on every core. Both load the embedded
+  SmolLM2-135M (its weights and tokenizer, as ``make run``) in the dtype perk picks.
 
-Each row: ``PERK_BENCH_ROUNDS`` rounds (default 3) after one warm-up call; pytest-benchmark's
-min and median are the figures; ``peak_extra_bytes`` is the peak RSS increase of one more call
-(see conftest). ``python benchmarks/cpu_report.py RESULTS.json`` writes the summary.
+Each row: ``PERK_BENCH_ROUNDS`` rounds (default 3); pytest-benchmark's min and median are the
+figures; ``peak_extra_bytes`` is the peak RSS increase over them (see conftest). A row whose model
+was just built gets one warm-up call first, except the 4K encodes (a cold first round of ~100 s
+costs less than a warm-up call: the min and median of 3 rounds leave it out). ``python benchmarks/cpu_report.py RESULTS.json`` writes the summary.
 
     PERK_BENCH_SIZE=cpu pytest benchmarks/test_cpu_speed.py --benchmark-only --benchmark-json=out.json
 """
@@ -54,6 +57,7 @@ from naive_perk import NaivePerk
 
 from perk.config import LLAMA_TARGETS, PerkConfig
 from perk.engine import PerkModel
+from perk.models import load_base_model
 from perk.runs import TrainConfig, resolve_threads
 from perk.segments import build_prompt
 from perk.tasks import generate
@@ -84,22 +88,23 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _measure(benchmark, run, info: dict, threads: int = 1) -> None:
-    """One warm-up call, the peak RSS increase of one call, then ROUNDS timed calls, on ``threads``."""
+def _measure(benchmark, run, info: dict, *, threads: int = 1, warm_up: bool = True) -> None:
+    """ROUNDS timed calls of ``run`` on ``threads`` (after a warm-up call when ``warm_up``), and the
+    peak RSS increase over them."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        run()
+        if warm_up:
+            run()
         start = _start_peak()
-        run()
-        peak = _read_peak()
-        benchmark.extra_info.update(
-            device=DEVICE_NAME, size=SIZE, threads=threads, memory_method=MEMORY_METHOD,
-            peak_extra_bytes=None if peak is None else peak - start, **info,
-        )
         benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+        peak = _read_peak()
     finally:
         torch.set_num_threads(saved)
+    benchmark.extra_info.update(
+        device=DEVICE_NAME, size=SIZE, threads=threads, memory_method=MEMORY_METHOD, warm_up=warm_up,
+        peak_extra_bytes=None if peak is None or start is None else peak - start, **info,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,16 +135,17 @@ def test_roofline(benchmark, dtype):
     ]
     flops = sum(2 * count * a.shape[0] * a.shape[1] * b.shape[1] for count, a, b in operands)
 
-    def run() -> float:
-        total = 0.0
-        for count, a, b in operands:
-            best = min(_timed(torch.mm, a, b) for _ in range(5))
-            total += count * best
-        return total
+    def pass_seconds() -> float:
+        return sum(count * min(_timed(torch.mm, a, b) for _ in range(5)) for count, a, b in operands)
 
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    run()  # warm-up: oneDNN / MKL kernels
-    seconds = benchmark.pedantic(run, rounds=1, iterations=1)
+    try:
+        pass_seconds()  # warm-up: oneDNN / MKL kernels
+        seconds = pass_seconds()
+    finally:
+        torch.set_num_threads(saved)
+    benchmark.pedantic(lambda: None, rounds=1)  # the figure is pass_seconds, below
     benchmark.extra_info.update(
         suite="cpu_speed", kind="roofline", dtype=_name(dtype), device=DEVICE_NAME, size=SIZE, threads=1,
         tokens=PASS_TOKENS, pass_seconds=seconds, gflops=flops / seconds / 1e9, pass_flops=flops,
@@ -172,10 +178,11 @@ class EncodeCase:
 def _encode_cases() -> list[EncodeCase]:
     cases = []
     for dtype in DTYPES:
-        for tokens in LENGTHS:
-            cases += [EncodeCase("perk", dtype, tokens), EncodeCase("naive", dtype, tokens)]
+        cases += [EncodeCase("perk", dtype, LENGTHS[0]), EncodeCase("naive", dtype, LENGTHS[0])]
         if ALL_CORES > 1:
             cases.append(EncodeCase("perk", dtype, LENGTHS[0], ALL_CORES))
+        cases += [EncodeCase("perk", dtype, tokens) for tokens in LENGTHS[1:]]
+        cases += [EncodeCase("naive", dtype, tokens) for tokens in LENGTHS[1:]]
     return cases
 
 
@@ -203,6 +210,7 @@ def _naive_encoder(dtype: torch.dtype, model_slot):
 @pytest.mark.parametrize("case", _encode_cases(), ids=str)
 def test_encode(benchmark, model_slot, case):
     benchmark.group = f"cpu encode {_name(case.dtype)} L={format_length(case.tokens)}"
+    fresh = model_slot.key != (case.provider, case.dtype)
     if case.provider == "perk":
         perk_model = _perk_encoder(case.dtype, model_slot)
         text = context_text(case.tokens)
@@ -224,7 +232,7 @@ def test_encode(benchmark, model_slot, case):
         adapter_dtype=adapter_dtype, tokens=case.tokens, inner_steps=INNER_STEPS, rank=ENCODE_LORA["rank"],
         segment_len=SEGMENT_LEN, micro_batch_tokens=PASS_TOKENS, inner_optimizer="adamw",
     )
-    _measure(benchmark, run, info, threads=case.threads)
+    _measure(benchmark, run, info, threads=case.threads, warm_up=fresh and case.tokens <= PASS_TOKENS)
 
 
 def test_naive_adapters_are_fp32_over_a_bf16_base(model_slot):
@@ -243,9 +251,9 @@ def test_naive_adapters_are_fp32_over_a_bf16_base(model_slot):
 MAKE_RUN = TrainConfig()
 
 
-def _problems() -> list[dict]:
+def _problems(tokenizer) -> list[dict]:
     data = MAKE_RUN.data
-    problems = generate(data.task, MAKE_RUN.meta_batch, data.context_tokens, byte_tokenizer(), seed=data.seed)
+    problems = generate(data.task, MAKE_RUN.meta_batch, data.context_tokens, tokenizer, seed=data.seed)
     return [p.to_json() for p in problems]
 
 
@@ -255,21 +263,21 @@ def _problems() -> list[dict]:
 def test_meta_step(benchmark, model_slot, provider, threads):
     benchmark.group = "cpu meta-step (make run)"
     dtype = PERK_DTYPE
-    problems = _problems()
     config = MAKE_RUN.perk
     if provider == "perk":
         def build():
-            pm = PerkModel.from_base(build_model(MODEL, dtype=dtype), byte_tokenizer(), config, backend="torch")
+            pm = PerkModel.from_base(*load_base_model(MAKE_RUN.model, dtype=dtype), config, backend="torch")
             return pm, torch.optim.Adam(list(pm.meta_parameters().values()), lr=MAKE_RUN.meta_lr)
 
         pm, optimizer = model_slot.get(("perk-meta", dtype), build)
+        problems = _problems(pm.tokenizer)
 
         def run():
             _, grads, _ = pm.meta_gradient(problems)
             params = pm.meta_parameters()
             _adam_step(optimizer, list(params.values()), [grads[name] for name in params])
     else:
-        naive, optimizer, batches = model_slot.get(("naive-meta", dtype), lambda: _naive_meta(config, dtype, problems))
+        naive, optimizer, batches, problems = model_slot.get(("naive-meta", dtype), lambda: _naive_meta(config, dtype))
 
         def run():
             grads = None
@@ -284,17 +292,19 @@ def test_meta_step(benchmark, model_slot, provider, threads):
         inner_steps=config.inner_steps, rank=config.rank, problems=len(problems),
         tokens=MAKE_RUN.data.context_tokens, inner_optimizer=config.inner_optimizer,
     )
-    _measure(benchmark, run, info, threads=threads)
+    _measure(benchmark, run, info, threads=threads)  # a fresh model or other threads: warm up
 
 
-def _naive_meta(config: PerkConfig, dtype: torch.dtype, problems: list[dict]):
+def _naive_meta(config: PerkConfig, dtype: torch.dtype):
     """naive_perk at make run's LoRA and inner loop (SGD; no inner clipping), its problems as token rows."""
+    model, tokenizer = load_base_model(MAKE_RUN.model, dtype=dtype)
+    model.set_attn_implementation("eager")
+    problems = _problems(tokenizer)
     naive = NaivePerk(
-        build_model(MODEL, attn_implementation="eager", dtype=dtype), rank=config.rank, alpha=config.alpha,
+        model, rank=config.rank, alpha=config.alpha,
         rslora=config.rslora, target_modules=LLAMA_TARGETS, inner_steps=config.inner_steps,
         inner_lr=config.inner_lr or 0.7, optimizer=config.inner_optimizer,
     )
-    tokenizer = byte_tokenizer()
     batches = []
     for problem in problems:
         text = "\n".join(problem["context"]) if isinstance(problem["context"], list) else problem["context"]
@@ -304,7 +314,7 @@ def _naive_meta(config: PerkConfig, dtype: torch.dtype, problems: list[dict]):
         prompt = tokenizer(build_prompt(tokenizer, problem["question"]), add_special_tokens=False)["input_ids"]
         answer = tokenizer(f" {problem['answer']}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         batches.append((segments, torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])))
-    return naive, torch.optim.Adam(naive.meta_parameters(), lr=MAKE_RUN.meta_lr), batches
+    return naive, torch.optim.Adam(naive.meta_parameters(), lr=MAKE_RUN.meta_lr), batches, problems
 
 
 def _adam_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
