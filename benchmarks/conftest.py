@@ -2,8 +2,8 @@
 
 Sizes: ``PERK_BENCH_SIZE=small|full|cpu`` (default ``full`` with CUDA, ``small`` without) picks each
 suite's size table; ``PERK_BENCH_LENGTHS=4K,8K`` keeps only those context lengths (the suites
-that have context lengths). ``cpu`` is opt-in and runs only the encode-vs-prompt suite, at the real
-SmolLM2-135M size on a CPU (minutes per provider and length; the other suites skip).
+that have context lengths). ``cpu`` is opt-in and runs only the encode-vs-prompt and cpu-speed
+suites, at the real SmolLM2-135M size on a CPU (minutes per provider and length; the other suites skip).
 ``PERK_BENCH_DEADLINE`` (Unix time, set by ``benchmarks/run.py``)
 skips every benchmark that starts after it, and any size predicted to end after it.
 

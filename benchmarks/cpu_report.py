@@ -89,8 +89,9 @@ def report(rows: list[dict], files: list[dict], before: list[dict], profile: dic
     parts.append("SmolLM2-135M architecture at its real size; LoRA r=16, α=16, rsLoRA, all linear layers; "
                  "N=4 inner AdamW steps; 128-token segments; 1024 tokens per forward/backward for perk and "
                  "naive PEFT (`benchmarks/naive_perk.py`, fp32 adapters whatever the base dtype). One intra-op "
-                 "thread unless a row says otherwise. Times in seconds: min and median of the rounds after a "
-                 "warm-up call; extra peak = peak RSS increase over the warm-up call (glibc's allocator untouched).")
+                 "thread unless a row says otherwise. Times in seconds: min and median of the rounds (a warm-up call "
+                 "first where the model was just built, except at 4K); extra peak = the peak RSS increase over "
+                 "the rounds (glibc's allocator untouched).")
     parts.append("")
 
     roofline = {r["dtype"]: r for r in rows if r.get("kind") == "roofline"}
@@ -143,11 +144,11 @@ def report(rows: list[dict], files: list[dict], before: list[dict], profile: dic
         naive = next((r for r in meta if r["provider"] == "naive"), None)
         lines = [[
             r["provider"], r["mode"], str(r["threads"]), f"{_s(r['min'])} / {_s(r['median'])}",
-            _ratio((naive or {}).get("median"), r["median"]) if r["provider"] == "perk" else "",
+            _ratio(naive["median"], r["median"]) if naive and r["provider"] == "perk" and r["threads"] == naive["threads"] else "",
             _gb(r.get("peak_extra_bytes")),
         ] for r in meta]
         parts.append(_table(["provider", "meta-gradient", "threads", "s (min / median)",
-                             "naive ÷ perk (median)", "extra peak"], lines))
+                             "naive ÷ perk (median, same threads)", "extra peak"], lines))
         parts.append("")
 
     if before:
