@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="base model (default: the run's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads per process (default 0: the physical cores, shared among torchrun's processes)")
+                        help="CPU threads per process (default 0: OMP_NUM_THREADS if set, else the physical cores, "
+                        "shared among torchrun's processes)")
     parser.add_argument("--shard_context", action="store_true",
                         help="under torchrun: share the text's segments out over the processes, all-reducing "
                         "every inner step's gradient (rank 0 prints and saves)")

@@ -45,6 +45,12 @@ def test_resolve_threads(requested, processes, cores, want):
     assert resolve_threads(requested, processes=processes, cores=cores) == want
 
 
+def test_omp_num_threads_counts_for_one_process_only():
+    assert resolve_threads(0, cores=16, omp_threads=3) == 3
+    assert resolve_threads(0, processes=4, cores=16, omp_threads=1) == 4  # torchrun's own OMP_NUM_THREADS=1
+    assert resolve_threads(2, cores=16, omp_threads=3) == 2
+
+
 def test_resolve_threads_rejects_negative():
     with pytest.raises(UsageError, match="threads"):
         resolve_threads(-1, cores=2)
@@ -54,11 +60,14 @@ def test_resolve_threads_rejects_negative():
 
 def test_set_threads_shares_cores_among_torchrun_processes(monkeypatch):
     saved = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(physical_cores() + 1))
         assert set_threads(0) == 1 and torch.get_num_threads() == 1
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
         assert set_threads(0) == physical_cores() == torch.get_num_threads()
         assert set_threads(1) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as tests/conftest sets it for xdist workers
+        assert set_threads(0) == 1
     finally:
         torch.set_num_threads(saved)
