@@ -91,19 +91,27 @@ def _name(dtype: torch.dtype) -> str:
 def _measure(benchmark, run, info: dict, *, threads: int = 1, warm_up: bool = True) -> None:
     """ROUNDS timed calls of ``run`` on ``threads`` (after a warm-up call when ``warm_up``), and the
     peak RSS increase over them."""
+    cpu_seconds = []
+
+    def timed():
+        start_cpu = time.process_time()
+        run()
+        cpu_seconds.append(time.process_time() - start_cpu)
+
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         if warm_up:
             run()
         start = _start_peak()
-        benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+        benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
         peak = _read_peak()
     finally:
         torch.set_num_threads(saved)
+    # The process's CPU time per round: on a shared machine wall time also counts waits for a core.
     benchmark.extra_info.update(
         device=DEVICE_NAME, size=SIZE, threads=threads, memory_method=MEMORY_METHOD, warm_up=warm_up,
-        peak_extra_bytes=None if peak is None or start is None else peak - start, **info,
+        peak_extra_bytes=None if peak is None or start is None else peak - start, cpu_seconds=cpu_seconds, **info,
     )
 
 
