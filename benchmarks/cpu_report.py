@@ -35,7 +35,9 @@ def _rows(paths: list[str]) -> tuple[list[dict], list[dict]]:
             info = entry.get("extra_info", {})
             if info.get("suite") == "cpu_speed":
                 stats = entry.get("stats", {})
-                rows.append(dict(info, min=stats.get("min"), median=stats.get("median"), rounds=stats.get("rounds")))
+                cpu = info.get("cpu_seconds") or [None]
+                rows.append(dict(info, min=stats.get("min"), median=stats.get("median"), rounds=stats.get("rounds"),
+                                 cpu_min=min(cpu) if cpu[0] is not None else None))
     return rows, files
 
 
@@ -117,11 +119,13 @@ def report(rows: list[dict], files: list[dict], before: list[dict], profile: dic
                 f"{_s((naive or {}).get('min'))} / {_s((naive or {}).get('median'))}",
                 f"**{_ratio((naive or {}).get('median'), (perk or {}).get('median'))}** "
                 f"({_ratio((naive or {}).get('min'), (perk or {}).get('min'))})",
+                f"{_s((perk or {}).get('cpu_min'))} / {_s((naive or {}).get('cpu_min'))}",
                 f"{_gb((perk or {}).get('peak_extra_bytes'))} / {_gb((naive or {}).get('peak_extra_bytes'))}",
                 "—" if bound is None or not perk else f"{bound:.2f} s: {100 * bound / perk['min']:.0f} %",
             ])
         parts.append(_table(
             ["tokens", "perk s (min / median)", "naive s (min / median)", "naive ÷ perk (median (min))",
+             "CPU s, min: perk / naive",
              "extra peak perk / naive", f"{dtype} roofline: time, perk's fraction"],
             lines,
         ))
@@ -143,11 +147,11 @@ def report(rows: list[dict], files: list[dict], before: list[dict], profile: dic
                   f"{first['tokens']} tokens, {first['dtype']} base)", ""]
         naive = next((r for r in meta if r["provider"] == "naive"), None)
         lines = [[
-            r["provider"], r["mode"], str(r["threads"]), f"{_s(r['min'])} / {_s(r['median'])}",
+            r["provider"], r["mode"], str(r["threads"]), f"{_s(r['min'])} / {_s(r['median'])}", _s(r.get("cpu_min")),
             _ratio(naive["median"], r["median"]) if naive and r["provider"] == "perk" and r["threads"] == naive["threads"] else "",
             _gb(r.get("peak_extra_bytes")),
         ] for r in meta]
-        parts.append(_table(["provider", "meta-gradient", "threads", "s (min / median)",
+        parts.append(_table(["provider", "meta-gradient", "threads", "s (min / median)", "CPU s (min)",
                              "naive ÷ perk (median, same threads)", "extra peak"], lines))
         parts.append("")
 
