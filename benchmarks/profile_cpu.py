@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     costs = [(label, sum(self_s.get(n, 0.0) for n in names)) for label, names in COSTS]
     # Autograd functions of ours: their whole time (operators inside included, so these overlap the above).
     for label, name in (("  of all the above: the fused cross-entropy loss (forward with its gradient)",
-                         "_FusedLinearCrossEntropy"),
-                        ("  of all the above: RMSNorm forward (perk.rms_norm)", "_RmsNorm"),
-                        ("  of all the above: RMSNorm backward (perk.rms_norm)", "_RmsNormBackward")):
+                         "_FusedLinearCrossEntropy"),):
         if name in total_s:
             costs.append((label, total_s[name]))
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]

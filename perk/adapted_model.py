@@ -27,7 +27,6 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 import perk_kernels
 from perk.attention import SEGMENT_ATTENTION
 from perk.lora import AdapterContext, AdapterLayout, inject_lora
-from perk.rms_norm import fused_rms_norm
 from perk.segments import IGNORE_INDEX, TokenBatch, prompt_ids
 
 
@@ -166,8 +165,7 @@ class AdaptedModel:
             return self.model.base_model(input_ids=input_ids, use_cache=False)[0]
 
     def _cpu_segment_kernels(self) -> contextlib.AbstractContextManager:
-        """On a CPU, passes over segments of an SDPA model run :func:`perk.rms_norm.rms_norm` for
-        Hugging Face's RMSNorm and :func:`perk.attention.segment_attention`
+        """On a CPU, passes over segments of an SDPA model run :func:`perk.attention.segment_attention`
         (SmolLM2-135M in bf16, 1K tokens, one inner step: 28 ms of attention per layer with SDPA's
         math path, 11-13 ms with it), and SDPA's math path for whatever it hands back to SDPA: at
         segment lengths torch's CPU flash-attention kernel is the slower one (6.5 s against 6.1 s
@@ -176,7 +174,6 @@ class AdaptedModel:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        stack.enter_context(fused_rms_norm(self.model))
         if self._segment_attention_supported:
             stack.enter_context(self._attention_implementation(SEGMENT_ATTENTION))
         return stack
