@@ -2,8 +2,8 @@
 
 Sizes: ``PERK_BENCH_SIZE=small|full|cpu`` (default ``full`` with CUDA, ``small`` without) picks each
 suite's size table; ``PERK_BENCH_LENGTHS=4K,8K`` keeps only those context lengths (the suites
-that have context lengths). ``cpu`` is opt-in and runs only the encode-vs-prompt suite, at the real
-SmolLM2-135M size on a CPU (minutes per provider and length; the other suites skip).
+that have context lengths). ``cpu`` is opt-in and runs only the encode-vs-prompt and cpu-speed
+suites, at the real SmolLM2-135M size on a CPU (minutes per provider and length; the other suites skip).
 ``PERK_BENCH_DEADLINE`` (Unix time, set by ``benchmarks/run.py``)
 skips every benchmark that starts after it, and any size predicted to end after it.
 
@@ -70,7 +70,7 @@ SIZE = os.environ.get("PERK_BENCH_SIZE") or ("full" if CUDA else "small")
 if SIZE not in SIZES:
     raise ValueError(f"PERK_BENCH_SIZE must be one of {SIZES}, got {SIZE!r}")
 # The suites that have a ``cpu`` size; the others skip at it.
-CPU_SIZE_SUITES = ("test_encode_vs_prompt.py",)
+CPU_SIZE_SUITES = ("test_encode_vs_prompt.py", "test_cpu_speed.py")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
 # Base models in bf16 on GPU (as served); fp32 on CPU (the interpreter and many CPU ops lack bf16).

@@ -161,10 +161,10 @@ class AdaptedModel:
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the decoder stack (after its final norm): no logits computed."""
-        with self._segment_attention():
+        with self._cpu_segment_kernels():
             return self.model.base_model(input_ids=input_ids, use_cache=False)[0]
 
-    def _segment_attention(self) -> contextlib.AbstractContextManager:
+    def _cpu_segment_kernels(self) -> contextlib.AbstractContextManager:
         """On a CPU, passes over segments of an SDPA model run :func:`perk.attention.segment_attention`
         (SmolLM2-135M in bf16, 1K tokens, one inner step: 28 ms of attention per layer with SDPA's
         math path, 11-13 ms with it), and SDPA's math path for whatever it hands back to SDPA: at

@@ -26,6 +26,7 @@ from perk.runs import (
     load_ftic_adapter,
     load_run,
     resolve_device,
+    set_threads,
 )
 from perk.tasks import (
     TASKS,
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="base model (default: the run's); must match the checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--max_new_tokens", type=positive_int, help="answer length limit (default: the run's)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: OMP_NUM_THREADS if set, else all physical cores)")
     parser.add_argument("--batch", type=positive_int, default=4, help="contexts encoded together (default: 4)")
     return parser.parse_args(argv)
 
@@ -79,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    set_threads(args.threads)
     if args.data is not None and not args.data.is_file():
         raise UsageError(f"--data: no such file: {args.data}")
     if "ftic" in args.methods and not (args.checkpoint / FTIC_ADAPTER).is_file() and (args.checkpoint / PERK_DIR).is_dir():

@@ -105,6 +105,7 @@ class TrainConfig:
     name: str = field("default", "run name: results go to <runs_dir>/<name>/")
     runs_dir: str = field("runs", "folder of all runs")
     device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
+    threads: int = field(0, "CPU threads per process (0: OMP_NUM_THREADS if set, else the physical cores this process may use, divided among the torchrun processes on the machine)")
     base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda, and on a cpu whose bf16 matmuls measure fast)")
     meta_steps: int = field(24, "optimizer steps of meta-training (and of FT-ICR training)")
     meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
@@ -130,6 +131,8 @@ class TrainConfig:
         if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}")
         check_run_name(self.name)
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: all physical cores), got {self.threads}")
         for name in ("meta_steps", "meta_batch", "checkpoint_every", "keep_checkpoints", "max_new_tokens", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -233,6 +236,47 @@ def resolve_device(requested: str) -> str:
     if requested not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or auto, got {requested!r}")
     return requested
+
+
+def physical_cores(cpus: set[int] | None = None, topology: Path = Path("/sys/devices/system/cpu")) -> int:
+    """Physical cores among ``cpus`` (default: the CPUs this process may run on): SMT siblings,
+    which share one core's arithmetic units, count once. Without sysfs every CPU counts."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add((topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def resolve_threads(requested: int, *, processes: int = 1, cores: int | None = None,
+                    omp_threads: int | None = None) -> int:
+    """Intra-op threads for a ``threads`` setting: an explicit count wins; 0 takes ``omp_threads``
+    (``OMP_NUM_THREADS``) where one process runs, else shares the physical ``cores``
+    (:func:`physical_cores`) among the ``processes`` on this machine, at least one each: more
+    threads than cores wait on each other at every OpenMP barrier. (torchrun sets OMP_NUM_THREADS=1
+    for its processes itself, so under it the variable is not the user's choice.)"""
+    if requested < 0:
+        raise UsageError(f"--threads must be >= 0 (0: all physical cores), got {requested}")
+    if requested:
+        return requested
+    if omp_threads and processes <= 1:
+        return omp_threads
+    cores = physical_cores() if cores is None else cores
+    return max(1, cores // max(1, processes))
+
+
+def set_threads(requested: int) -> int:
+    """Set torch's intra-op threads for a command (:func:`resolve_threads`; torchrun's processes on
+    this machine are its ``LOCAL_WORLD_SIZE``); returns the count."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = resolve_threads(requested, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                              omp_threads=int(omp) if omp.isdigit() else None)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def read_run_config(run_dir: Path) -> TrainConfig:

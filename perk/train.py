@@ -84,6 +84,7 @@ from perk.runs import (
     run_lock,
     save_ftic_adapter,
     save_resolved_config,
+    set_threads,
 )
 from perk.tasks import generate, read_located_problems, with_support_target
 
@@ -390,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     explicit = {k[4:] for k in vars(args) if k.startswith("cfg:")} | ({"config"} if args.config else set())
     run_dir, run_config = resolve_run(config, args.resume, explicit)  # reads only: no process has written yet
     launch = from_torchrun(resolve_device(run_config.device))
+    set_threads(run_config.threads)
     try:
         check_world_size(run_config, launch)
         check_same_everywhere("the resolved config", yaml.safe_dump(config_to_dict(run_config)), launch)
@@ -409,7 +411,8 @@ def train_and_evaluate(args: argparse.Namespace, config: TrainConfig, run_dir: P
     torch.manual_seed(config.perk.seed)
 
     processes = f" ({launch.world_size} processes, {launch.backend})" if launch.distributed else ""
-    say(f"perk.train: run {run_dir} on {device}{processes}; loading {config.model}", flush=True)
+    threads = f", {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}"
+    say(f"perk.train: run {run_dir} on {device}{processes}{threads}; loading {config.model}", flush=True)
     dtype = from_rank0(resolve_base_dtype(config.base_dtype, device), launch)
     model, tokenizer = load_base_model(config.model, dtype=dtype, device=device)
     pm = PerkModel.from_base(model, tokenizer, config.perk)
