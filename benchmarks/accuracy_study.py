@@ -83,7 +83,8 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass
 class CurveConfig:
-    problems: int = field(50, "held-out problems at the training length, evaluated at every PERK checkpoint")
+    problems: int = field(50, "held-out problems at the training length, evaluated at every curve point")
+    every: int = field(20, "a curve point every this many meta-steps (a multiple of train.checkpoint_every), and the last step")
     seed: int = field(1000, "seed of the curve's problems (the eval grid's seed: the last point answers the 1x cell's problems)")
 
 
@@ -136,6 +137,8 @@ class StudyConfig:
                 value = getattr(value, part)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.curve.every < 1:
+            raise ValueError(f"curve.every must be >= 1, got {self.curve.every}")
         if not all(0 <= d <= 100 for d in self.eval.depths):
             raise ValueError(f"eval.depths are percentages from 0 to 100, got {self.eval.depths}")
 
@@ -183,6 +186,9 @@ def load_study(path: Path, argv: list[str]) -> Study:
     if "ftic" in study.eval.methods and "ftic" not in train.methods:
         raise UsageError("eval.methods has ftic but train.methods does not train it")
     checkpoints = math.ceil(train.meta_steps / train.checkpoint_every) * (2 if "ftic" in train.methods else 1)
+    if study.curve.every % train.checkpoint_every:
+        raise UsageError(f"curve.every={study.curve.every} is not a multiple of train.checkpoint_every={train.checkpoint_every}: "
+                         "the curve is read from the checkpoints")
     if train.keep_checkpoints < checkpoints:
         raise UsageError(
             f"train.keep_checkpoints={train.keep_checkpoints} would delete checkpoints the learning curve reads: "
@@ -376,12 +382,13 @@ def stage_export(study: Study) -> None:
     print(f"export: {target} ({megabytes:.1f} MB, {study.config.export_dtype})", flush=True)
 
 
-def perk_checkpoints(study: Study) -> list[tuple[int, Path]]:
-    """(PERK step, folder) of every kept checkpoint of the PERK phase (global step <= meta_steps)."""
+def curve_checkpoints(study: Study) -> list[tuple[int, Path]]:
+    """(PERK step, folder) of the kept PERK-phase checkpoints (global step <= meta_steps) at a
+    multiple of ``curve.every`` or at the last step."""
     found = []
     for path in sorted(checkpoint_dir(study.run_dir).glob("step-*")):
         step = int(path.name.split("-")[1])
-        if step <= study.train.meta_steps:
+        if step <= study.train.meta_steps and (step % study.config.curve.every == 0 or step == study.train.meta_steps):
             found.append((step, path))
     return found
 
@@ -392,12 +399,12 @@ def perk_tensors(pm: PerkModel) -> dict[str, torch.Tensor]:
 
 def stage_curve(study: Study) -> list[dict]:
     """PERK's exact match on ``curve.problems`` held-out problems at the initial meta-parameters
-    and at every kept PERK checkpoint."""
+    and at every ``curve.every``-th step's checkpoint."""
     model, tokenizer = load_model(study)
     pm = PerkModel.from_base(model, tokenizer, study.train.perk)
     problems = problem_maker(study, tokenizer, study.config.curve.seed)
     initial = {k: v.detach().clone() for k, v in perk_tensors(pm).items()}
-    points = [(0, None)] + perk_checkpoints(study)
+    points = [(0, None)] + curve_checkpoints(study)
     path = study.study_dir / "curve.jsonl"
     records = []
     for step, folder in tqdm(points, desc="curve checkpoints", unit="ckpt", dynamic_ncols=True):
@@ -492,7 +499,7 @@ def stage_cost(study: Study) -> dict:
 def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[str, dict[str, float]]) -> dict:
     """Expected seconds of each part of the study (assumed speed-ups applied)."""
     cost, train = study.config.cost, study.train
-    checkpoints = math.ceil(train.meta_steps / train.checkpoint_every)
+    points = math.ceil(train.meta_steps / study.config.curve.every)
 
     def seconds(method: str, length: int) -> float:
         measured = per_problem[method][str(length)]
@@ -503,7 +510,7 @@ def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[s
         "train_perk": train.meta_steps * step_seconds["meta_step"] / cost.meta_step_speedup,
         "train_ftic": train.meta_steps * step_seconds["ftic_step"] if "ftic" in train.methods else 0.0,
         "train_final_eval": train.data.eval_problems * sum(seconds(m, base) for m in train.methods if m in per_problem),
-        "curve": (checkpoints + 1) * study.config.curve.problems * seconds("perk", base),
+        "curve": (points + 1) * study.config.curve.problems * seconds("perk", base),
     }
     for length, _, n, _ in grid(study):
         for method in study.config.eval.methods:
@@ -514,11 +521,13 @@ def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[s
 
 def stage_probe(study: Study) -> dict:
     """Each probe: perk.train with the train section plus its overrides for ``probe_steps``
-    meta-steps (PERK only, 4 held-out problems), resumable; then its losses summarised."""
+    meta-steps (PERK only, one warm-up step, 4 held-out problems), resumable; then its losses
+    summarised. Every probe sees the same problems at the same step (the data order is a function
+    of the step), so their losses compare pairwise."""
     summary = {}
     for name, overrides in study.probes.items():
         values = {**flatten(config_to_dict(study.train)), **flatten(overrides),
-                  "name": f"{study.train.name}-probe-{name}", "meta_steps": study.config.probe_steps,
+                  "name": f"{study.train.name}-probe-{name}", "meta_steps": study.config.probe_steps, "warmup_steps": 1,
                   "methods": ["perk"], "data.eval_problems": 4, "keep_checkpoints": 2,
                   "checkpoint_every": min(5, study.config.probe_steps)}
         probe = build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in values.items()}))
@@ -654,7 +663,7 @@ def stage_report(study: Study) -> dict:
     depth_predictions = [as_prediction({**r, "depth": r["depth_pct"] / 100}) for r in records if r["depth_pct"] is not None]
     by_depth = summarize(depth_predictions, by=("length_tokens", "depth_pct"))
     curve_records = read_jsonl(study.study_dir / "curve.jsonl")
-    checkpoint_steps = {0} | {step for step, _ in perk_checkpoints(study)}
+    checkpoint_steps = {0} | {step for step, _ in curve_checkpoints(study)}
     curve = []
     for step in sorted(checkpoint_steps):
         group = [r for r in curve_records if r["label"] == f"step {step}" and r["index"] < study.config.curve.problems]

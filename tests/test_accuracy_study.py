@@ -42,7 +42,7 @@ def study_config(model_dir: Path, root: Path, **eval_overrides) -> dict:
         "results_dir": str(root / "results"),
         "export_dir": str(root / "results" / "tiny-study-perk"),
         "threads": 1,
-        "curve": {"problems": 2},
+        "curve": {"problems": 2, "every": 1},
         "eval": {"length_multiples": [1, 2], "problems": 4, "depths": [0, 100], "extra_lengths": [2048],
                  "extra_problems": 2, "batch": 2, "choice_up_to_tokens": 1000, **eval_overrides},
         "cost": {"meta_steps": 1, "problems": 2, "perk_up_to_tokens": 800, "meta_step_speedup": 2.0},
