@@ -99,6 +99,10 @@ class EvalConfig:
     extra_problems: int = field(20, "held-out problems per extra length")
     seed: int = field(1000, "seed of the held-out problems (training uses train.data.seed)")
     batch: int = field(4, "contexts PERK encodes together; also the chunk appended to eval.jsonl at a time")
+    chunk_tokens: int = field(
+        16384, "at most this many context tokens per chunk (at least one problem): what a kill can lose stays "
+        "short at long lengths"
+    )
     choice_up_to_tokens: int = field(
         1024, "constrained-choice scoring only up to this context length: it runs the whole prompt once per "
         "choice with full-vocabulary logits (6 locations x 4K tokens x 49K vocab x 4 B = 4.8 GB for qa1 at 4K)"
@@ -111,6 +115,7 @@ class CostConfig:
     problems: int = field(4, "timed problems per method and length")
     perk_up_to_tokens: int = field(4096, "PERK is timed up to this length and extrapolated linearly beyond")
     meta_step_speedup: float = field(1.0, "assumed speed-up of a meta-step over the measured one (a faster engine not yet merged)")
+    plan_from: str = field("cpu", "price the plan with wall seconds, or cpu: process CPU seconds / threads (a busy machine's wall clock counts its neighbours)")
     encode_speedup: float = field(1.0, "assumed speed-up of PERK's encode over the measured one")
 
 
@@ -129,6 +134,8 @@ class StudyConfig:
     notes: str = field("", "the recipe's rationale and what was tried (markdown, copied into the report)")
 
     def __post_init__(self) -> None:
+        if self.cost.plan_from not in ("wall", "cpu"):
+            raise ValueError(f"cost.plan_from must be wall or cpu, got {self.cost.plan_from!r}")
         if self.export_dtype not in EXPORT_DTYPES:
             raise ValueError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {self.export_dtype!r}")
         for name in ("curve.problems", "eval.problems", "eval.extra_problems", "eval.batch", "cost.problems", "probe_steps"):
@@ -246,15 +253,17 @@ class Cell:
 
 
 def run_cells(cells: list[Cell], path: Path, answer: Callable[[Cell, list[dict]], list[Prediction]],
-              problems: Callable[[int, int | None], list[dict]], *, chunk: int, desc: str) -> list[dict]:
-    """Answer every cell's problems not yet in ``path`` (``chunk`` at a time, appended as they come);
-    return the records of ``cells`` (old and new)."""
+              problems: Callable[[int, int | None], list[dict]], *, eval_config: EvalConfig, desc: str) -> list[dict]:
+    """Answer every cell's problems not yet in ``path`` (a chunk at a time: ``eval.batch`` problems,
+    fewer where they would exceed ``eval.chunk_tokens``; appended as they come); return the
+    records of ``cells`` (old and new)."""
     done = {r["key"]: r for r in read_jsonl(path)}
     todo = sum(1 for c in cells for i in range(c.n) if c.key(i) not in done)
     with tqdm(total=todo, desc=desc, unit="problem", dynamic_ncols=True) as bar:
         for cell in cells:
             bar.set_postfix(cell=f"{cell.method} {cell.label}" + ("" if cell.depth_pct is None else f" d{cell.depth_pct}"))
             pool = None
+            chunk = max(1, min(eval_config.batch, eval_config.chunk_tokens // cell.length))
             for start in range(0, cell.n, chunk):
                 indices = range(start, min(cell.n, start + chunk))
                 if all(cell.key(i) in done for i in indices):
@@ -412,7 +421,7 @@ def stage_curve(study: Study) -> list[dict]:
         load_tensors(perk_tensors(pm), tensors, source=str(folder or "initial meta-parameters"))
         cell = Cell("perk", study.train_length(), None, study.config.curve.problems, fingerprint(tensors), f"step {step}")
         for record in run_cells([cell], path, answerer(pm, study, None, tokenizer), problems,
-                                chunk=study.config.eval.batch, desc=f"curve step {step}"):
+                                eval_config=study.config.eval, desc=f"curve step {step}"):
             records.append({**record, "step": step})
     return records
 
@@ -445,7 +454,7 @@ def stage_eval(study: Study) -> list[dict]:
     cells = [Cell(method, length, depth, n, weights[method], label)
              for length, depth, n, label in grid(study) for method in methods]
     return run_cells(cells, study.study_dir / "eval.jsonl", answerer(pm, study, ftic, tokenizer),
-                     problem_maker(study, tokenizer, study.config.eval.seed), chunk=study.config.eval.batch, desc="eval")
+                     problem_maker(study, tokenizer, study.config.eval.seed), eval_config=study.config.eval, desc="eval")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,9 +462,25 @@ def stage_eval(study: Study) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
+class Clock:
+    """Wall and process CPU seconds of what runs inside ``with``."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def stage_cost(study: Study) -> dict:
-    """Seconds of one meta-step, one FT-ICR step and one problem per method and length, and the
-    plan of the YAML priced with them."""
+    """Seconds of one meta-step, one FT-ICR step and one problem per method and length (wall and
+    process CPU), and the plan of the YAML priced with them.
+
+    On a shared machine the wall clock measures the neighbours too; ``cost.plan_from: cpu`` prices
+    the plan with CPU seconds / threads, the wall time of an otherwise idle machine if the threads
+    scaled perfectly (an optimistic bound; ``wall`` is the pessimistic one on a busy machine)."""
+    load_before = os.getloadavg()[0]
     model, tokenizer = load_model(study)
     pm = PerkModel.from_base(model, tokenizer, study.train.perk)
     cost, train, ev = study.config.cost, study.train, study.config.eval
@@ -464,36 +489,41 @@ def stage_cost(study: Study) -> dict:
                                               tokenizer, seed=train.data.seed, order_markers=train.data.order_markers,
                                               doc_index=train.data.doc_index)]
     adapter = pm.adapted.initial_adapter(torch.Generator().manual_seed(1)).unsqueeze(0)
-    step_seconds = {}
+    steps = {}
     for name, step in (("meta_step", lambda b: pm.meta_gradient(b)), ("ftic_step", lambda b: ftic_loss_and_grad(pm.adapted, adapter, b))):
-        times = []
+        clocks = []
         for k in tqdm(range(cost.meta_steps + 1), desc=f"cost {name}", dynamic_ncols=True):
-            began = time.perf_counter()
-            step(training[k * batch : (k + 1) * batch])
-            times.append(time.perf_counter() - began)
-        step_seconds[name] = sum(times[1:]) / cost.meta_steps
+            with Clock() as clock:
+                step(training[k * batch : (k + 1) * batch])
+            clocks.append(clock)
+        steps[name] = {"wall": sum(c.wall for c in clocks[1:]) / cost.meta_steps,
+                       "cpu": sum(c.cpu for c in clocks[1:]) / cost.meta_steps}
     problems = problem_maker(study, tokenizer, ev.seed)
     lengths = sorted({length for length, _, _, _ in grid(study)})
     # Lengths as str keys, as they come back from the JSON file.
-    per_problem: dict[str, dict[str, float]] = {m: {} for m in ev.methods}
-    measured: dict[str, dict[str, bool]] = {m: {} for m in ev.methods}
+    per_problem: dict[str, dict[str, dict]] = {m: {} for m in ev.methods}
     for length in tqdm(lengths, desc="cost eval lengths", dynamic_ncols=True):
         pool = problems(length, None)[: cost.problems]
         for method in ev.methods:
             if method == "perk" and length > cost.perk_up_to_tokens:
-                longest = max(per_problem["perk"], key=int)  # encode is linear in tokens: independent segments
-                per_problem["perk"][str(length)] = per_problem["perk"][longest] * length / int(longest)
-                measured["perk"][str(length)] = False
+                longest = per_problem["perk"][max(per_problem["perk"], key=int)]  # encode is linear in tokens
+                scale = length / longest["length"]
+                per_problem["perk"][str(length)] = {"wall": longest["wall"] * scale, "cpu": longest["cpu"] * scale,
+                                                    "length": length, "measured": False}
                 continue
-            began = time.perf_counter()
-            evaluate(pm, pool, [method], ftic_adapter=adapter, max_new_tokens=train.max_new_tokens,
-                     batch_size=ev.batch, progress=False)
-            per_problem[method][str(length)] = (time.perf_counter() - began) / len(pool)
-            measured[method][str(length)] = True
-    plan = price_plan(study, step_seconds, per_problem)
-    result = {"step_seconds": step_seconds, "eval_seconds_per_problem": per_problem, "measured": measured,
-              "plan_seconds": plan, "threads": torch.get_num_threads(), "train_length": study.train_length()}
-    return result
+            with Clock() as clock:
+                evaluate(pm, pool, [method], ftic_adapter=adapter, max_new_tokens=train.max_new_tokens,
+                         batch_size=ev.batch, progress=False)
+            per_problem[method][str(length)] = {"wall": clock.wall / len(pool), "cpu": clock.cpu / len(pool),
+                                                "length": length, "measured": True}
+    threads = torch.get_num_threads()
+    estimate = (lambda t: t["wall"]) if cost.plan_from == "wall" else (lambda t: t["cpu"] / threads)  # noqa: E731
+    plan = price_plan(study, {k: estimate(v) for k, v in steps.items()},
+                      {m: {length: estimate(t) for length, t in by.items()} for m, by in per_problem.items()})
+    return {"step_seconds": steps, "eval_seconds_per_problem": per_problem, "plan_from": cost.plan_from,
+            "plan_seconds": plan, "threads": threads, "train_length": study.train_length(),
+            # other processes on the machine make wall times longer: the 1-minute load average
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
 def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[str, dict[str, float]]) -> dict:
@@ -521,14 +551,14 @@ def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[s
 
 def stage_probe(study: Study) -> dict:
     """Each probe: perk.train with the train section plus its overrides for ``probe_steps``
-    meta-steps (PERK only, one warm-up step, 4 held-out problems), resumable; then its losses
+    meta-steps (PERK only, one warm-up step, 2 held-out problems), resumable; then its losses
     summarised. Every probe sees the same problems at the same step (the data order is a function
     of the step), so their losses compare pairwise."""
     summary = {}
     for name, overrides in study.probes.items():
         values = {**flatten(config_to_dict(study.train)), **flatten(overrides),
                   "name": f"{study.train.name}-probe-{name}", "meta_steps": study.config.probe_steps, "warmup_steps": 1,
-                  "methods": ["perk"], "data.eval_problems": 4, "keep_checkpoints": 2,
+                  "methods": ["perk"], "data.eval_problems": 2, "keep_checkpoints": 2,
                   "checkpoint_every": min(5, study.config.probe_steps)}
         probe = build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in values.items()}))
         run = run_directory(probe)
@@ -553,7 +583,7 @@ def summarize_probe(run: Path, overrides: dict) -> dict:
         "inner_last_first_third": mean(steps[:third], "inner_last"),
         "inner_last_last_third": mean(steps[-third:], "inner_last"),
         "seconds_per_step": mean(steps, "seconds"),
-        "exact_match_4": results[0]["exact_match"] if results else None,
+        "exact_match_2": results[0]["exact_match"] if results else None,
     }
 
 
@@ -656,17 +686,21 @@ def stage_report(study: Study) -> dict:
     """``<name>.{json,md}`` and the plots, from what the other stages left."""
     name, out = study.config.name, study.results
     base = study.train_length()
-    records = read_jsonl(study.study_dir / "eval.jsonl")
-    grid_cells = {(length, depth) for length, depth, _, _ in grid(study)}
-    records = [r for r in records if (r["length"], r["depth_pct"]) in grid_cells]
+    # The grid's problems, the newest record of each (a run directory holds one training run, so
+    # records differ only where a grid was shrunk or a cell redone).
+    sizes = {(length, depth): n for length, depth, n, _ in grid(study)}
+    latest = {(r["method"], r["length"], r["depth_pct"], r["index"]): r for r in read_jsonl(study.study_dir / "eval.jsonl")
+              if r["method"] in study.config.eval.methods and r["index"] < sizes.get((r["length"], r["depth_pct"]), 0)}
+    records = list(latest.values())
     by_length = summarize([as_prediction(r) for r in records if r["depth_pct"] is None])
     depth_predictions = [as_prediction({**r, "depth": r["depth_pct"] / 100}) for r in records if r["depth_pct"] is not None]
     by_depth = summarize(depth_predictions, by=("length_tokens", "depth_pct"))
-    curve_records = read_jsonl(study.study_dir / "curve.jsonl")
+    curve_records = list({(r["label"], r["index"]): r for r in read_jsonl(study.study_dir / "curve.jsonl")
+                          if r["index"] < study.config.curve.problems}.values())
     checkpoint_steps = {0} | {step for step, _ in curve_checkpoints(study)}
     curve = []
     for step in sorted(checkpoint_steps):
-        group = [r for r in curve_records if r["label"] == f"step {step}" and r["index"] < study.config.curve.problems]
+        group = [r for r in curve_records if r["label"] == f"step {step}"]
         if group:
             curve.append({"step": step, "n": len(group), "exact_match": 100.0 * sum(r["exact_match"] for r in group) / len(group)})
     metrics = read_jsonl(study.run_dir / METRICS)
@@ -724,13 +758,16 @@ def report_markdown(study: Study, payload: dict) -> str:
     ]
     lines += [f"| {t['target']} | {t['reached']} | {'-' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
               for t in payload["targets"]]
-    lines += ["", "## Accuracy vs context length", "", markdown_table(payload["by_length"]) if payload["by_length"] else "(not run)",
-              "", f"![accuracy vs length]({name}-vs-length.png)", "", "## Accuracy vs depth", "",
-              markdown_table(payload["by_depth"]) if payload["by_depth"] else "(not run)", "",
-              f"![accuracy vs depth]({name}-vs-depth.png)", "", "## Learning curve (PERK, training length)", "",
-              "| meta-step | n | exact match |", "|---|---|---|"]
+    def section(title: str, rows: list[dict], plot: str) -> list[str]:
+        return ["", f"## {title}", "", markdown_table(rows) if rows else "(not run yet)"] + (
+            [f"![{title}]({name}-{plot}.png)"] if rows else [])
+
+    lines += section("Accuracy vs context length", payload["by_length"], "vs-length")
+    lines += section("Accuracy vs depth", payload["by_depth"], "vs-depth")
+    lines += ["", "## Learning curve (PERK, training length)", "", "| meta-step | n | exact match |", "|---|---|---|"]
     lines += [f"| {p['step']} | {p['n']} | {p['exact_match']:.1f} |" for p in payload["learning_curve"]]
-    lines += ["", f"![learning curve]({name}-curve.png)", "", "## Wall time", "", "| part | seconds | minutes |", "|---|---|---|"]
+    lines += (["", f"![learning curve]({name}-curve.png)"] if payload["learning_curve"] else [])
+    lines += ["", "## Wall time", "", "| part | seconds | minutes |", "|---|---|---|"]
     lines += [f"| {k} | {v:.0f} | {v / 60:.1f} |" for k, v in payload["seconds"].items()]
     evals = {}
     for r in payload["predictions"]:
@@ -748,13 +785,17 @@ def report_markdown(study: Study, payload: dict) -> str:
 
 
 def cost_markdown(cost: dict) -> str:
-    lines = [f"One meta-step: {cost['step_seconds']['meta_step']:.1f} s, one FT-ICR step: "
-             f"{cost['step_seconds']['ftic_step']:.1f} s (measured, {cost['threads']} threads).", "",
-             "| method | length | s / problem | |", "|---|---|---|---|"]
+    steps = cost["step_seconds"]
+    lines = [f"Measured with {cost['threads']} threads, the 1-minute load average {cost['load_average'][0]} before and "
+             f"{cost['load_average'][1]} after (on {os.cpu_count()} cores). Wall seconds, and process CPU seconds / "
+             f"threads (the idle-machine estimate); the plan uses {cost['plan_from']}.", "",
+             "| what | wall s | CPU s / threads | |", "|---|---|---|---|"]
+    for name, t in steps.items():
+        lines.append(f"| one {name.replace('_', ' ')} | {t['wall']:.2f} | {t['cpu'] / cost['threads']:.2f} | measured |")
     for method, by_length in cost["eval_seconds_per_problem"].items():
-        for length, seconds in sorted(by_length.items(), key=lambda kv: int(kv[0])):
-            how = "measured" if cost["measured"][method][length] else "extrapolated (linear in tokens)"
-            lines.append(f"| {method} | {length} | {seconds:.2f} | {how} |")
+        for length, t in sorted(by_length.items(), key=lambda kv: int(kv[0])):
+            how = "measured" if t["measured"] else "extrapolated (linear in tokens)"
+            lines.append(f"| {method}, one problem at {length} | {t['wall']:.2f} | {t['cpu'] / cost['threads']:.2f} | {how} |")
     lines += ["", "Plan (seconds, assumed speed-ups applied):", "", "| part | seconds | minutes |", "|---|---|---|"]
     lines += [f"| {k} | {v:.0f} | {v / 60:.1f} |" for k, v in cost["plan_seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -762,12 +803,12 @@ def cost_markdown(cost: dict) -> str:
 
 def probes_markdown(probes: dict) -> str:
     lines = ["| probe | overrides | steps | meta-loss, first third | last third | inner loss before | after N, first third "
-             "| last third | s / step | exact match (4) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| last third | s / step | exact match (2) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in probes.items():
         overrides = ", ".join(f"{k}={v}" for k, v in p["overrides"].items()) or "(the recipe)"
         lines.append(f"| {name} | {overrides} | {p['steps']} | {p['meta_loss_first_third']:.3f} | {p['meta_loss_last_third']:.3f} "
                      f"| {p['inner_first']:.3f} | {p['inner_last_first_third']:.3f} | {p['inner_last_last_third']:.3f} "
-                     f"| {p['seconds_per_step']:.1f} | {_pct(p['exact_match_4'])} |")
+                     f"| {p['seconds_per_step']:.1f} | {_pct(p['exact_match_2'])} |")
     return "\n".join(lines) + "\n"
 
 
