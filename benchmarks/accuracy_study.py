@@ -522,6 +522,7 @@ def stage_cost(study: Study) -> dict:
                       {m: {length: estimate(t) for length, t in by.items()} for m, by in per_problem.items()})
     return {"step_seconds": steps, "eval_seconds_per_problem": per_problem, "plan_from": cost.plan_from,
             "plan_seconds": plan, "threads": threads, "train_length": study.train_length(),
+            "base_dtype": str(model.dtype).removeprefix("torch."),
             # other processes on the machine make wall times longer: the 1-minute load average
             "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
@@ -599,8 +600,11 @@ def provenance(study: Study) -> dict:
         except OSError:
             return ""
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    cpu += f" (native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'})" if flags else ""
     return {
         "command": f"python -m benchmarks.accuracy_study --config {study.config_path}",
         "commit": git("rev-parse", "HEAD") + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""),
@@ -786,7 +790,7 @@ def report_markdown(study: Study, payload: dict) -> str:
 
 def cost_markdown(cost: dict) -> str:
     steps = cost["step_seconds"]
-    lines = [f"Measured with {cost['threads']} threads, the 1-minute load average {cost['load_average'][0]} before and "
+    lines = [f"Measured with {cost['threads']} threads, base model in {cost['base_dtype']}, the 1-minute load average {cost['load_average'][0]} before and "
              f"{cost['load_average'][1]} after (on {os.cpu_count()} cores). Wall seconds, and process CPU seconds / "
              f"threads (the idle-machine estimate); the plan uses {cost['plan_from']}.", "",
              "| what | wall s | CPU s / threads | |", "|---|---|---|---|"]
