@@ -111,7 +111,8 @@ class EvalConfig:
 
 @dataclass
 class CostConfig:
-    meta_steps: int = field(2, "timed meta-steps (after one untimed)")
+    meta_steps: int = field(2, "timed meta-steps (and FT-ICR steps)")
+    warmup_steps: int = field(1, "untimed steps before them")
     problems: int = field(4, "timed problems per method and length")
     perk_up_to_tokens: int = field(4096, "PERK is timed up to this length and extrapolated linearly beyond")
     meta_step_speedup: float = field(1.0, "assumed speed-up of a meta-step over the measured one (a faster engine not yet merged)")
@@ -475,7 +476,8 @@ class Clock:
 
 def stage_cost(study: Study) -> dict:
     """Seconds of one meta-step, one FT-ICR step and one problem per method and length (wall and
-    process CPU), and the plan of the YAML priced with them.
+    process CPU), and the plan of the YAML priced with them. Each measurement is appended to
+    ``<run>/study/cost.jsonl`` as it finishes and reused by a rerun (delete the file to measure again).
 
     On a shared machine the wall clock measures the neighbours too; ``cost.plan_from: cpu`` prices
     the plan with CPU seconds / threads, the wall time of an otherwise idle machine if the threads
@@ -484,26 +486,38 @@ def stage_cost(study: Study) -> dict:
     model, tokenizer = load_model(study)
     pm = PerkModel.from_base(model, tokenizer, study.train.perk)
     cost, train, ev = study.config.cost, study.train, study.config.eval
-    batch = train.meta_batch
-    training = [p.to_json() for p in generate(train.data.task, batch * (cost.meta_steps + 1), study.train_length(),
-                                              tokenizer, seed=train.data.seed, order_markers=train.data.order_markers,
-                                              doc_index=train.data.doc_index)]
-    adapter = pm.adapted.initial_adapter(torch.Generator().manual_seed(1)).unsqueeze(0)
-    steps = {}
-    for name, step in (("meta_step", lambda b: pm.meta_gradient(b)), ("ftic_step", lambda b: ftic_loss_and_grad(pm.adapted, adapter, b))):
-        clocks = []
-        for k in tqdm(range(cost.meta_steps + 1), desc=f"cost {name}", dynamic_ncols=True):
+    path = study.study_dir / "cost.jsonl"
+    measured = {r["what"]: r for r in read_jsonl(path)}
+
+    def measure(what: str, items: int, work: Callable[[], object]) -> dict:
+        if what not in measured:
             with Clock() as clock:
-                step(training[k * batch : (k + 1) * batch])
-            clocks.append(clock)
-        steps[name] = {"wall": sum(c.wall for c in clocks[1:]) / cost.meta_steps,
-                       "cpu": sum(c.cpu for c in clocks[1:]) / cost.meta_steps}
+                work()
+            measured[what] = {"what": what, "wall": clock.wall / items, "cpu": clock.cpu / items, "items": items,
+                              "base_dtype": str(model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                              "load_average": round(os.getloadavg()[0], 1)}
+            append_jsonl(path, [measured[what]])
+        return measured[what]
+
+    batch = train.meta_batch
+    training = [p.to_json() for p in generate(train.data.task, batch * (cost.warmup_steps + cost.meta_steps),
+                                              study.train_length(), tokenizer, seed=train.data.seed,
+                                              order_markers=train.data.order_markers, doc_index=train.data.doc_index)]
+    warmup, timed = training[: batch * cost.warmup_steps], training[batch * cost.warmup_steps :]
+    adapter = pm.adapted.initial_adapter(torch.Generator().manual_seed(1)).unsqueeze(0)
+    step_kinds = {"meta_step": lambda b: pm.meta_gradient(b), "ftic_step": lambda b: ftic_loss_and_grad(pm.adapted, adapter, b)}
+    steps = {}
+    for name, step in tqdm(step_kinds.items(), desc="cost steps", dynamic_ncols=True):
+        if name not in measured:
+            for k in range(cost.warmup_steps):  # untimed
+                step(warmup[k * batch : (k + 1) * batch])
+        steps[name] = measure(name, cost.meta_steps, lambda: [step(timed[k * batch : (k + 1) * batch])
+                                                               for k in range(cost.meta_steps)])
     problems = problem_maker(study, tokenizer, ev.seed)
     lengths = sorted({length for length, _, _, _ in grid(study)})
     # Lengths as str keys, as they come back from the JSON file.
     per_problem: dict[str, dict[str, dict]] = {m: {} for m in ev.methods}
     for length in tqdm(lengths, desc="cost eval lengths", dynamic_ncols=True):
-        pool = problems(length, None)[: cost.problems]
         for method in ev.methods:
             if method == "perk" and length > cost.perk_up_to_tokens:
                 longest = per_problem["perk"][max(per_problem["perk"], key=int)]  # encode is linear in tokens
@@ -511,20 +525,23 @@ def stage_cost(study: Study) -> dict:
                 per_problem["perk"][str(length)] = {"wall": longest["wall"] * scale, "cpu": longest["cpu"] * scale,
                                                     "length": length, "measured": False}
                 continue
-            with Clock() as clock:
-                evaluate(pm, pool, [method], ftic_adapter=adapter, max_new_tokens=train.max_new_tokens,
-                         batch_size=ev.batch, progress=False)
-            per_problem[method][str(length)] = {"wall": clock.wall / len(pool), "cpu": clock.cpu / len(pool),
-                                                "length": length, "measured": True}
+            pool = problems(length, None)[: cost.problems]
+            timing = measure(f"eval {method} {length}", len(pool), lambda: evaluate(
+                pm, pool, [method], ftic_adapter=adapter, max_new_tokens=train.max_new_tokens, batch_size=ev.batch,
+                progress=False))
+            per_problem[method][str(length)] = {"wall": timing["wall"], "cpu": timing["cpu"], "length": length,
+                                                "measured": True}
     threads = torch.get_num_threads()
     estimate = (lambda t: t["wall"]) if cost.plan_from == "wall" else (lambda t: t["cpu"] / threads)  # noqa: E731
     plan = price_plan(study, {k: estimate(v) for k, v in steps.items()},
                       {m: {length: estimate(t) for length, t in by.items()} for m, by in per_problem.items()})
-    return {"step_seconds": steps, "eval_seconds_per_problem": per_problem, "plan_from": cost.plan_from,
+    return {"step_seconds": {k: {"wall": v["wall"], "cpu": v["cpu"]} for k, v in steps.items()},
+            "eval_seconds_per_problem": per_problem, "plan_from": cost.plan_from,
             "plan_seconds": plan, "threads": threads, "train_length": study.train_length(),
             "base_dtype": str(model.dtype).removeprefix("torch."),
             # other processes on the machine make wall times longer: the 1-minute load average
-            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+            "measurements": list(measured.values())}
 
 
 def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[str, dict[str, float]]) -> dict:

@@ -45,7 +45,7 @@ def study_config(model_dir: Path, root: Path, **eval_overrides) -> dict:
         "curve": {"problems": 2, "every": 1},
         "eval": {"length_multiples": [1, 2], "problems": 4, "depths": [0, 100], "extra_lengths": [2048],
                  "extra_problems": 2, "batch": 2, "choice_up_to_tokens": 1000, **eval_overrides},
-        "cost": {"meta_steps": 1, "problems": 2, "perk_up_to_tokens": 800, "meta_step_speedup": 2.0},
+        "cost": {"meta_steps": 1, "warmup_steps": 0, "problems": 2, "perk_up_to_tokens": 800, "meta_step_speedup": 2.0},
         "probe_steps": 2,
         "probes": {"lower-inner-lr": {"perk": {"inner_lr": 0.3}}},
         "notes": "tiny notes",
@@ -199,6 +199,11 @@ def test_cost_and_probe_stages_write_their_results(tiny_model_dir, tmp_path):
     plan = cost["plan_seconds"]  # from CPU seconds / threads (1), meta-steps assumed 2x faster
     assert plan["train_perk"] == pytest.approx(2 * cost["step_seconds"]["meta_step"]["cpu"] / 2.0)
     assert plan["total"] == pytest.approx(sum(v for k, v in plan.items() if k != "total"))
+    measurements = tmp_path / "runs" / "tiny-run" / "study" / "cost.jsonl"
+    before = measurements.read_bytes()
+    assert main(["--config", str(path), "--stage", "cost"]) == 0  # measured once: a rerun only prices the plan
+    assert measurements.read_bytes() == before
+    assert json.loads((tmp_path / "results" / "tiny-study-cost.json").read_text())["plan_seconds"] == plan
     assert main(["--config", str(path), "--stage", "probe"]) == 0
     probes = json.loads((tmp_path / "results" / "tiny-study-probes.json").read_text())["probes"]
     assert probes["lower-inner-lr"]["overrides"] == {"perk.inner_lr": 0.3} and probes["lower-inner-lr"]["steps"] == 2
