@@ -93,6 +93,10 @@ class EvalConfig:
     methods: tuple[str, ...] = field(("perk", "ftic", "zeroshot"), "methods of the grid")
     length_multiples: tuple[int, ...] = field((1, 4, 16), "context lengths, as multiples of the training length")
     problems: int = field(50, "held-out problems per length (× depth) cell")
+    length_problems: tuple[int, ...] = field(
+        (), "problems per length multiple, one count each (default: problems for all); raising a count later "
+        "only adds problems (results are kept per problem)"
+    )
     depths: tuple[int, ...] = field((0, 50, 100), "depths (%) of the first supporting fact, at depth_length_multiple")
     depth_length_multiple: int = field(1, "the length of the depth cells, as a multiple of the training length")
     extra_lengths: tuple[int, ...] = field((), "more lengths in tokens (e.g. 16384), with extra_problems each")
@@ -147,6 +151,8 @@ class StudyConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.curve.every < 1:
             raise ValueError(f"curve.every must be >= 1, got {self.curve.every}")
+        if self.eval.length_problems and len(self.eval.length_problems) != len(self.eval.length_multiples):
+            raise ValueError("eval.length_problems needs one count per eval.length_multiples entry")
         if not all(0 <= d <= 100 for d in self.eval.depths):
             raise ValueError(f"eval.depths are percentages from 0 to 100, got {self.eval.depths}")
 
@@ -301,7 +307,8 @@ def problem_maker(study: Study, tokenizer, seed: int) -> Callable[[int, int | No
     """(length, depth %) -> the held-out problems of that cell, enough for any cell of the study,
     without constrained-choice answer sets beyond ``eval.choice_up_to_tokens``."""
     data = study.train.data
-    n = max(study.config.eval.problems, study.config.eval.extra_problems, study.config.curve.problems)
+    n = max(study.config.eval.problems, study.config.eval.extra_problems, study.config.curve.problems,
+            *study.config.eval.length_problems)
 
     @functools.lru_cache(maxsize=4)
     def problems(length: int, depth_pct: int | None) -> list[dict]:
@@ -430,7 +437,8 @@ def stage_curve(study: Study) -> list[dict]:
 def grid(study: Study) -> list[tuple[int, int | None, int, str]]:
     """(length, depth %, problems, label) of every evaluation cell, cheapest first."""
     ev, base = study.config.eval, study.train_length()
-    cells = [(base * m, None, ev.problems, f"{m}x") for m in ev.length_multiples]
+    counts = ev.length_problems or (ev.problems,) * len(ev.length_multiples)
+    cells = [(base * m, None, n, f"{m}x") for m, n in zip(ev.length_multiples, counts)]
     cells += [(base * ev.depth_length_multiple, d, ev.problems, f"{ev.depth_length_multiple}x") for d in ev.depths]
     cells += [(length, None, ev.extra_problems, f"{length // 1024}K" if length % 1024 == 0 else str(length))
               for length in ev.extra_lengths]

@@ -43,7 +43,7 @@ def study_config(model_dir: Path, root: Path, **eval_overrides) -> dict:
         "export_dir": str(root / "results" / "tiny-study-perk"),
         "threads": 1,
         "curve": {"problems": 2, "every": 1},
-        "eval": {"length_multiples": [1, 2], "problems": 4, "depths": [0, 100], "extra_lengths": [2048],
+        "eval": {"length_multiples": [1, 2], "problems": 4, "length_problems": [4, 3], "depths": [0, 100], "extra_lengths": [2048],
                  "extra_problems": 2, "batch": 2, "choice_up_to_tokens": 1000, **eval_overrides},
         "cost": {"meta_steps": 1, "warmup_steps": 0, "problems": 2, "perk_up_to_tokens": 800, "meta_step_speedup": 2.0},
         "probe_steps": 2,
@@ -82,11 +82,11 @@ def test_all_stages_write_results_plots_and_timings(finished_study):
     report = json.loads((results / "tiny-study.json").read_text())
     for name in ("tiny-study.md", "tiny-study-vs-length.png", "tiny-study-vs-depth.png", "tiny-study-curve.png"):
         assert (results / name).stat().st_size > 0, name
-    # every method at 768, 1536 (4 problems) and 2048 (2 problems), the same problems for all
+    # every method at 768 (4 problems), 1536 (3) and 2048 (2), the same problems for all
     cells = {(r["method"], r["length_tokens"]): r["n"] for r in report["by_length"]}
-    assert cells == {(m, length): n for m in ("perk", "ftic", "zeroshot") for length, n in ((768, 4), (1536, 4), (2048, 2))}
+    assert cells == {(m, length): n for m in ("perk", "ftic", "zeroshot") for length, n in ((768, 4), (1536, 3), (2048, 2))}
     truncated = {(r["method"], r["length_tokens"]): r["truncated"] for r in report["by_length"]}
-    assert truncated[("zeroshot", 768)] == 0 and truncated[("ftic", 1536)] == 4 and truncated[("perk", 2048)] == 0
+    assert truncated[("zeroshot", 768)] == 0 and truncated[("ftic", 1536)] == 3 and truncated[("perk", 2048)] == 0
     assert {(r["method"], r["depth_pct"]) for r in report["by_depth"]} == {(m, d) for m in ("perk", "ftic", "zeroshot") for d in (0, 100)}
     questions = {}
     for record in report["predictions"]:
@@ -167,7 +167,7 @@ def test_interrupted_eval_resumes_where_it_stopped(tiny_model_dir, tmp_path, mon
     after = lines_path.read_bytes()
     assert after.startswith(before)
     resumed = read_jsonl(lines_path)
-    assert len(resumed) == len({r["key"] for r in resumed}) == 3 * (4 + 4 + 4 + 4 + 2)
+    assert len(resumed) == len({r["key"] for r in resumed}) == 3 * (4 + 4 + 4 + 3 + 2)
     timings = read_jsonl(study / "runs" / "tiny-run" / "study" / "timings.jsonl")
     assert [(t["stage"], t["completed"]) for t in timings] == [("export", True), ("eval", False), ("eval", True)]
     straight = {r["key"]: r for r in read_jsonl(root / "runs" / "tiny-run" / "study" / "eval.jsonl")}
@@ -189,7 +189,7 @@ def test_unfinished_run_needs_resume_and_a_short_keep_is_refused(tiny_model_dir,
 
 
 def test_cost_and_probe_stages_write_their_results(tiny_model_dir, tmp_path):
-    path = write_config(tmp_path / "study.yaml", study_config(tiny_model_dir, tmp_path, length_multiples=[1], depths=[],
+    path = write_config(tmp_path / "study.yaml", study_config(tiny_model_dir, tmp_path, length_multiples=[1], length_problems=[4], depths=[],
                                                                 extra_lengths=[1536]))
     assert main(["--config", str(path), "--stage", "cost"]) == 0
     cost = json.loads((tmp_path / "results" / "tiny-study-cost.json").read_text())
