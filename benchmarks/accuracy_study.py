@@ -490,7 +490,6 @@ def stage_cost(study: Study) -> dict:
     On a shared machine the wall clock measures the neighbours too; ``cost.plan_from: cpu`` prices
     the plan with CPU seconds / threads, the wall time of an otherwise idle machine if the threads
     scaled perfectly (an optimistic bound; ``wall`` is the pessimistic one on a busy machine)."""
-    load_before = os.getloadavg()[0]
     model, tokenizer = load_model(study)
     pm = PerkModel.from_base(model, tokenizer, study.train.perk)
     cost, train, ev = study.config.cost, study.train, study.config.eval
@@ -522,7 +521,8 @@ def stage_cost(study: Study) -> dict:
         steps[name] = measure(name, cost.meta_steps, lambda: [step(timed[k * batch : (k + 1) * batch])
                                                                for k in range(cost.meta_steps)])
     problems = problem_maker(study, tokenizer, ev.seed)
-    lengths = sorted({length for length, _, _, _ in grid(study)})
+    issue = issue_grid(study)
+    lengths = sorted({length for length, _, _, _ in grid(study) + grid(issue)})
     # Lengths as str keys, as they come back from the JSON file.
     per_problem: dict[str, dict[str, dict]] = {m: {} for m in ev.methods}
     for length in tqdm(lengths, desc="cost eval lengths", dynamic_ncols=True):
@@ -541,15 +541,28 @@ def stage_cost(study: Study) -> dict:
                                                 "measured": True}
     threads = torch.get_num_threads()
     estimate = (lambda t: t["wall"]) if cost.plan_from == "wall" else (lambda t: t["cpu"] / threads)  # noqa: E731
-    plan = price_plan(study, {k: estimate(v) for k, v in steps.items()},
-                      {m: {length: estimate(t) for length, t in by.items()} for m, by in per_problem.items()})
+    step_estimates = {k: estimate(v) for k, v in steps.items()}
+    problem_estimates = {m: {length: estimate(t) for length, t in by.items()} for m, by in per_problem.items()}
     return {"step_seconds": {k: {"wall": v["wall"], "cpu": v["cpu"]} for k, v in steps.items()},
             "eval_seconds_per_problem": per_problem, "plan_from": cost.plan_from,
-            "plan_seconds": plan, "threads": threads, "train_length": study.train_length(),
+            "plan_seconds": price_plan(study, step_estimates, problem_estimates),
+            # the same recipe with issue 26's whole grid and curve, for scale
+            "issue_grid_seconds": price_plan(issue, step_estimates, problem_estimates), "threads": threads, "train_length": study.train_length(),
             "base_dtype": str(model.dtype).removeprefix("torch."),
-            # other processes on the machine make wall times longer: the 1-minute load average
-            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+            # other processes on the machine make wall times longer: the 1-minute load averages
+            # after the measurements (lowest, highest)
+            "load_average": [min(r["load_average"] for r in measured.values()),
+                             max(r["load_average"] for r in measured.values())],
             "measurements": list(measured.values())}
+
+
+def issue_grid(study: Study) -> Study:
+    """``study`` with issue 26's evaluation: >= 50 problems at 1x, 4x, 16x and at depths 0/50/100 %
+    (at 1x), 20 at 16K, a curve point of 50 problems every ``curve.every`` steps."""
+    ev = dataclasses.replace(study.config.eval, length_multiples=(1, 4, 16), length_problems=(50, 50, 50), problems=50,
+                             depths=(0, 50, 100), depth_length_multiple=1, extra_lengths=(16384,), extra_problems=20)
+    config = dataclasses.replace(study.config, eval=ev, curve=dataclasses.replace(study.config.curve, problems=50))
+    return dataclasses.replace(study, config=config)
 
 
 def price_plan(study: Study, step_seconds: dict[str, float], per_problem: dict[str, dict[str, float]]) -> dict:
@@ -815,8 +828,8 @@ def report_markdown(study: Study, payload: dict) -> str:
 
 def cost_markdown(cost: dict) -> str:
     steps = cost["step_seconds"]
-    lines = [f"Measured with {cost['threads']} threads, base model in {cost['base_dtype']}, the 1-minute load average {cost['load_average'][0]} before and "
-             f"{cost['load_average'][1]} after (on {os.cpu_count()} cores). Wall seconds, and process CPU seconds / "
+    lines = [f"Measured with {cost['threads']} threads, base model in {cost['base_dtype']}, the 1-minute load average "
+             f"{cost['load_average'][0]}-{cost['load_average'][1]} after the measurements (on {os.cpu_count()} cores). Wall seconds, and process CPU seconds / "
              f"threads (the idle-machine estimate); the plan uses {cost['plan_from']}.", "",
              "| what | wall s | CPU s / threads | |", "|---|---|---|---|"]
     for name, t in steps.items():
@@ -825,8 +838,12 @@ def cost_markdown(cost: dict) -> str:
         for length, t in sorted(by_length.items(), key=lambda kv: int(kv[0])):
             how = "measured" if t["measured"] else "extrapolated (linear in tokens)"
             lines.append(f"| {method}, one problem at {length} | {t['wall']:.2f} | {t['cpu'] / cost['threads']:.2f} | {how} |")
-    lines += ["", "Plan (seconds, assumed speed-ups applied):", "", "| part | seconds | minutes |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.0f} | {v / 60:.1f} |" for k, v in cost["plan_seconds"].items()]
+    lines += ["", "Expected seconds (assumed speed-ups applied) of the YAML's plan, and of the same recipe with issue "
+              "26's whole grid (>= 50 problems at 1x, 4x, 16x and at depths 0/50/100 %, 20 at 16K, curve points of 50):",
+              "", "| part | plan s | plan min | issue grid s | issue grid min |", "|---|---|---|---|---|"]
+    issue = cost.get("issue_grid_seconds", {})
+    lines += [f"| {k} | {v:.0f} | {v / 60:.1f} | {issue.get(k, 0):.0f} | {issue.get(k, 0) / 60:.1f} |"
+              for k, v in cost["plan_seconds"].items()]
     return "\n".join(lines) + "\n"
 
 
