@@ -50,7 +50,7 @@ import torch
 
 import perk.meta_gradient as meta_gradient_module
 from perk import PerkConfig, PerkModel
-from perk.check_meta_grad import cosine, relative_error
+from perk.check_meta_grad import cosine, percentile, relative_error
 from perk.inner_loop import inner_loop
 from perk.models import load_base_model
 from perk.runs import TrainConfig
@@ -250,15 +250,6 @@ def main(argv: list[str] | None = None) -> int:
                           f"{case['modes']['exact']['cosine adapter_init']:.3f}; "
                           f"{time.perf_counter() - start:.0f} s", flush=True)
     return 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation between order statistics."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def write_report(out: Path, cases: list[dict]) -> None:
