@@ -1,13 +1,13 @@
 """Markdown summary of the CPU speed suite (``test_cpu_speed.py``) and of a CPU profile.
 
-    python benchmarks/cpu_report.py RESULTS.json [MORE.json …] [--before BASE.json …]
+    python -m benchmarks.cpu_report RESULTS.json [MORE.json …] [--before BASE.json …]
         [--profile PROFILE.json] --out STEM
 
 writes ``STEM.md``: the machine, the commands, commits and dates of the JSON files, the matmul
 roofline, perk vs naive PEFT per dtype pair (min and median of the rounds), perk's fraction of the
 roofline, the thread scaling, the meta-step of ``make run``, and (``--before``) the same rows of an
 earlier commit measured on the same machine; ``--profile`` adds the top costs that
-``benchmarks/profile_cpu.py`` wrote.
+``python -m benchmarks.profile_cpu`` wrote.
 """
 
 from __future__ import annotations

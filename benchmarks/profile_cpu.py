@@ -1,6 +1,6 @@
 """Where perk's CPU encode spends its time: torch.profiler over one inner step, one thread.
 
-    python benchmarks/profile_cpu.py --out benchmarks/results/NAME-profile.json [--tokens 1024] [--dtype auto]
+    python -m benchmarks.profile_cpu --out benchmarks/results/NAME-profile.json [--tokens 1024] [--dtype auto]
 
 SmolLM2-135M architecture at its real size (random weights), the encode settings of
 ``test_cpu_speed.py`` but N = 1 step (every step costs the same); a warm-up encode first. Writes the
@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("PERK_BENCH_SIZE", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from conftest import build_model, byte_tokenizer, context_text  # noqa: E402
+from benchmarks.conftest import build_model, byte_tokenizer, context_text  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from perk.config import PerkConfig  # noqa: E402

@@ -27,7 +27,7 @@ change speed), one intra-op thread unless a row says otherwise:
 Each row: ``PERK_BENCH_ROUNDS`` rounds (default 3); pytest-benchmark's min and median are the
 figures; ``peak_extra_bytes`` is the peak RSS increase over them (see conftest). A row whose model
 was just built gets one warm-up call first, except the 4K encodes (a cold first round of ~100 s
-costs less than a warm-up call: the min and median of 3 rounds leave it out). ``python benchmarks/cpu_report.py RESULTS.json`` writes the summary.
+costs less than a warm-up call: the min and median of 3 rounds leave it out). ``python -m benchmarks.cpu_report RESULTS.json`` writes the summary.
 
     PERK_BENCH_SIZE=cpu pytest benchmarks/test_cpu_speed.py --benchmark-only --benchmark-json=out.json
 """
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import (
+from benchmarks.conftest import (
     DEVICE_NAME,
     MEMORY_METHOD,
     PERK_DTYPE,
@@ -53,7 +53,7 @@ from conftest import (
     format_length,
     model_config,
 )
-from naive_perk import NaivePerk
+from benchmarks.naive_perk import NaivePerk
 
 from perk.config import LLAMA_TARGETS, PerkConfig
 from perk.engine import PerkModel
