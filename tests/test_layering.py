@@ -34,17 +34,24 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def perk_imports(path: Path) -> set[str]:
-    """Every ``perk`` module ``path`` imports, at any depth of the file (``from perk import eval``
-    counts as ``perk.eval``)."""
+def imports(path: Path, *, with_names: bool = False) -> set[str]:
+    """Every absolute module name ``path`` imports, at any depth of the file (``from a.b import c``
+    counts as ``a.b``, and with ``with_names`` also as ``a.b.c``: c may be a module)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name in MODULES}
+            if with_names:
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def perk_imports(path: Path) -> set[str]:
+    """Every ``perk`` module ``path`` imports, at any depth of the file (``from perk import eval``
+    counts as ``perk.eval``)."""
+    return {name for name in imports(path, with_names=True) if name in MODULES}
 
 
 def test_every_command_line_module_is_there():
@@ -78,15 +85,6 @@ def test_no_class_is_over_the_size_limit(name):
 REPOSITORY_PACKAGES = ("tools", "benchmarks", "tests")
 
 
-def imports(path: Path) -> set[str]:
-    """Every absolute module name ``path`` imports (``from a.b import c`` counts as ``a.b``)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
-    return found
 
 
 RUNTIME_FILES = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "perk_kernels").rglob("*.py"))
