@@ -200,11 +200,10 @@ def float32_from(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch
     A bf16/fp16 base model whose contexts are short (an adapter with fewer than
     :data:`FLOAT32_BELOW_TOKENS` context tokens) runs its last T inner steps, the outer pass and the
     finite-difference probes in fp32, with fp32's smaller step; the first N − T steps stay in the
-    base dtype. On such contexts the Hessian term of the meta-gradient is larger than the
-    first-order one (‖g_exact − g_first_order‖ = 1.2-1.6 ‖g_first_order‖ measured on SmolLM2-135M)
-    and changes over a shorter scale than the bf16 step ε resolves: fd in bf16 loses 4-12% of
-    the cosine there, fd at half the step recovers most of it, fp32 passes all of it
-    (``benchmarks/results/meta-grad-fidelity.md``).
+    base dtype. On such contexts the Hessian term of the meta-gradient is about as large as the
+    first-order one and changes over a shorter scale than the bf16 step ε resolves; the fp32
+    passes recover most, not all, of the fidelity lost there (measurements:
+    ``benchmarks/results/meta-grad-fidelity.md``).
     """
     if adapted.model.dtype not in (torch.bfloat16, torch.float16):
         return None
