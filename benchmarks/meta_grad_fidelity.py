@@ -142,14 +142,14 @@ def load_params(model: PerkModel, params: dict[str, torch.Tensor]) -> None:
 def fd_variant(scale: float, float32_from):
     """fd at ``scale`` times its automatic step, with the fp32 passes chosen by ``float32_from``
     (a policy like :func:`perk.meta_gradient.float32_from`; None: the library's own)."""
-    saved = meta_gradient_module.FD_STEP_SCALE, meta_gradient_module.float32_from
-    meta_gradient_module.FD_STEP_SCALE = saved[0] * scale
+    policy = meta_gradient_module.float32_from
     if float32_from is not None:
         meta_gradient_module.float32_from = float32_from
     try:
-        yield
+        with meta_gradient_module.scaled_fd_step(scale):
+            yield
     finally:
-        meta_gradient_module.FD_STEP_SCALE, meta_gradient_module.float32_from = saved
+        meta_gradient_module.float32_from = policy
 
 
 def gradient(model: PerkModel, problem: dict, mode: str) -> tuple[dict, float]:

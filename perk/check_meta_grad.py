@@ -139,15 +139,10 @@ def perk_models(config: TrainConfig, dtype: torch.dtype, device: str,
 def gradient(model: PerkModel, problem: dict, mode: str, epsilon: float | None, scale: float) -> tuple[dict, float]:
     """One problem's meta-gradient in ``mode``, fd at ``scale`` times its step; and its seconds."""
     model.config.meta_grad, model.config.fd_epsilon = mode, None if epsilon is None else epsilon * scale
-    automatic = meta_gradient_module.FD_STEP_SCALE
-    if epsilon is None:
-        meta_gradient_module.FD_STEP_SCALE = automatic * scale
-    try:
+    with meta_gradient_module.scaled_fd_step(scale if epsilon is None else 1.0):
         start = time.perf_counter()
         _, grads, _ = model.meta_gradient([problem])
         return grads, time.perf_counter() - start
-    finally:
-        meta_gradient_module.FD_STEP_SCALE = automatic
 
 
 def main(argv: list[str] | None = None) -> int:

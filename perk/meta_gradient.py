@@ -82,6 +82,19 @@ def fd_step(phi: torch.Tensor, compute_dtype: torch.dtype, fd_epsilon: float | N
     return FD_STEP_SCALE * roundoff ** (1 / 3) * scale
 
 
+@contextlib.contextmanager
+def scaled_fd_step(scale: float) -> Iterator[None]:
+    """Inside the block, the automatic fd step (:func:`fd_step` without ``fd_epsilon``) is ``scale``
+    times its rule: how robust a meta-gradient is to its step (perk.check_meta_grad, benchmarks)."""
+    global FD_STEP_SCALE
+    rule = FD_STEP_SCALE
+    FD_STEP_SCALE = rule * scale
+    try:
+        yield
+    finally:
+        FD_STEP_SCALE = rule
+
+
 @dataclass
 class MetaGradient:
     """The outer loss's gradient w.r.t. what the inner loop is a function of.
