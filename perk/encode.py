@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from perk.cli import ArgumentParser, UsageError, positive_int, run_main
 from perk.distributed import Launch, close, from_torchrun, torchrun_world_size
-from perk.runs import load_run, resolve_device, set_threads
+from perk.runs import add_threads_argument, load_run, resolve_device, set_threads
 
 
 def read_documents(path: Path) -> list[str]:
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=positive_int, default=32, help="answer length limit (default: 32)")
     parser.add_argument("--model", help="base model (default: the run's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads per process (default 0: OMP_NUM_THREADS if set, else the physical cores, "
-                        "shared among torchrun's processes)")
+    add_threads_argument(parser)
     parser.add_argument("--shard_context", action="store_true",
                         help="under torchrun: share the text's segments out over the processes, all-reducing "
                         "every inner step's gradient (rank 0 prints and saves)")

@@ -23,6 +23,7 @@ from perk.report import write_results
 from perk.runs import (
     FTIC_ADAPTER,
     PERK_DIR,
+    add_threads_argument,
     load_ftic_adapter,
     load_run,
     resolve_device,
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="base model (default: the run's); must match the checkpoint")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--max_new_tokens", type=positive_int, help="answer length limit (default: the run's)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: OMP_NUM_THREADS if set, else all physical cores)")
+    add_threads_argument(parser)
     parser.add_argument("--batch", type=positive_int, default=4, help="contexts encoded together (default: 4)")
     return parser.parse_args(argv)
 

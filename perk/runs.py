@@ -46,6 +46,8 @@ PERK_DIR = "perk"
 FTIC_ADAPTER = "ftic_adapter.safetensors"
 LOCK = "lock"  # held (flock) by the perk.train writing the run; holds its pid
 PHASES = ("perk", "ftic")  # the optimisation phases of a run, in order
+THREADS_HELP = ("CPU threads per process (0: OMP_NUM_THREADS if set, else the physical cores this process may use, "
+                "divided among the torchrun processes on the machine)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ class TrainConfig:
     name: str = field("default", "run name: results go to <runs_dir>/<name>/")
     runs_dir: str = field("runs", "folder of all runs")
     device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
-    threads: int = field(0, "CPU threads per process (0: OMP_NUM_THREADS if set, else the physical cores this process may use, divided among the torchrun processes on the machine)")
+    threads: int = field(0, THREADS_HELP)
     base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda, and on a cpu whose bf16 matmuls measure fast)")
     meta_steps: int = field(24, "optimizer steps of meta-training (and of FT-ICR training)")
     meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
@@ -267,6 +269,11 @@ def resolve_threads(requested: int, *, processes: int = 1, cores: int | None = N
         return omp_threads
     cores = physical_cores() if cores is None else cores
     return max(1, cores // max(1, processes))
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` of the commands without a TrainConfig (perk.eval, perk.encode): as ``threads``."""
+    parser.add_argument("--threads", type=int, default=0, help=f"{THREADS_HELP}; default 0")
 
 
 def set_threads(requested: int) -> int:
