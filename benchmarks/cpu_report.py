@@ -122,13 +122,21 @@ def report(rows: list[dict], files: list[dict], before: list[dict], profile: dic
                 f"{_s((perk or {}).get('cpu_min'))} / {_s((naive or {}).get('cpu_min'))}",
                 f"{_gb((perk or {}).get('peak_extra_bytes'))} / {_gb((naive or {}).get('peak_extra_bytes'))}",
                 "—" if bound is None or not perk else f"{bound:.2f} s: {100 * bound / perk['min']:.0f} %",
+                "—" if bound is None or not naive else f"{100 * bound / naive['min']:.0f} %",
+                "—" if bound is None or not naive else f"{200 * bound / naive['min']:.0f} %",
             ])
         parts.append(_table(
             ["tokens", "perk s (min / median)", "naive s (min / median)", "naive ÷ perk (median (min))",
              "CPU s, min: perk / naive",
-             "extra peak perk / naive", f"{dtype} roofline: time, perk's fraction"],
+             "extra peak perk / naive", f"{dtype} roofline: time, perk's fraction", "naive's fraction",
+             "2x the naive needs"],
             lines,
         ))
+        parts.append("")
+        parts.append("The roofline is the matmuls of the N forward and input-gradient passes alone, at torch's own "
+                     "`mm` rate: an upper bound on any engine that does this arithmetic in this dtype. Where \"2x the "
+                     "naive needs\" is over 100 %, 2x the same-precision naive run is out of reach without doing "
+                     "less arithmetic.")
         parts.append("")
         threaded = [r for r in encode if r["dtype"] == dtype and r["threads"] > 1 and r["provider"] == "perk"]
         for row in threaded:
@@ -154,6 +162,19 @@ def report(rows: list[dict], files: list[dict], before: list[dict], profile: dic
         parts.append(_table(["provider", "meta-gradient", "threads", "s (min / median)", "CPU s (min)",
                              "naive ÷ perk (median, same threads)", "extra peak"], lines))
         parts.append("")
+        roof = roofline.get(first["dtype"])
+        fd = [r for r in meta if r["provider"] == "perk" and r["mode"] == "fd"]
+        if roof and fd:
+            # fd: N inner passes plus two probe passes per unrolled step, each a forward and an
+            # input-gradient backward over every problem's context (the question passes are small).
+            passes = first["inner_steps"] + 2 * first["unroll_steps"]
+            bound = roof["pass_seconds"] * passes * first["problems"] * first["tokens"] / 1024
+            best = min(r["cpu_min"] for r in fd if r.get("cpu_min"))
+            parts.append(f"Roofline of an fd meta-step: {passes} context passes × {first['problems'] * first['tokens']} "
+                         f"tokens at the {first['dtype']} `mm` rate = **{bound:.1f} CPU s** of matmuls; perk spends "
+                         f"{best:.1f} CPU s ({100 * bound / best:.0f} % of it). A 3x faster fd meta-step than perk's "
+                         f"best here would need {best / 3:.1f} CPU s, {100 * bound / (best / 3):.0f} % of the roofline.")
+            parts.append("")
 
     if before:
         parts += ["## The same rows before this work (same machine)", ""]

@@ -59,7 +59,7 @@ from perk.config import LLAMA_TARGETS, PerkConfig
 from perk.engine import PerkModel
 from perk.models import load_base_model
 from perk.runs import TrainConfig, resolve_threads
-from perk.segments import build_prompt
+from perk.segments import build_prompt, context_segments
 from perk.tasks import generate
 
 MODEL = "smollm2-135m"
@@ -304,7 +304,7 @@ def test_meta_step(benchmark, model_slot, provider, threads):
 
 
 def _naive_meta(config: PerkConfig, dtype: torch.dtype):
-    """naive_perk at make run's LoRA and inner loop (SGD; no inner clipping), its problems as token rows."""
+    """naive_perk at make run's LoRA and inner loop (SGD; no inner clipping), on perk's token rows of its problems."""
     model, tokenizer = load_base_model(MAKE_RUN.model, dtype=dtype)
     model.set_attn_implementation("eager")
     problems = _problems(tokenizer)
@@ -315,10 +315,9 @@ def _naive_meta(config: PerkConfig, dtype: torch.dtype):
     )
     batches = []
     for problem in problems:
-        text = "\n".join(problem["context"]) if isinstance(problem["context"], list) else problem["context"]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = ids[: len(ids) // SEGMENT_LEN * SEGMENT_LEN] or ids[:SEGMENT_LEN]
-        segments = torch.tensor(ids).view(-1, min(SEGMENT_LEN, len(ids)))
+        # perk's own token rows, so both do the same arithmetic (the pad positions count in naive's
+        # loss; that changes no cost). Whole 128-token rows of the token stream dropped a problem's tail.
+        segments = context_segments(tokenizer, [problem["context"]], SEGMENT_LEN).input_ids
         prompt = tokenizer(build_prompt(tokenizer, problem["question"]), add_special_tokens=False)["input_ids"]
         answer = tokenizer(f" {problem['answer']}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         batches.append((segments, torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])))
