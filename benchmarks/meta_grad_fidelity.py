@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 import perk.meta_gradient as meta_gradient_module
+from benchmarks.report import write_readme_section
 from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import cosine, percentile, relative_error
 from perk.inner_loop import inner_loop
@@ -291,13 +292,7 @@ def write_report(out: Path, cases: list[dict]) -> None:
           "`perk.meta_gradient.FLOAT32_BELOW_TOKENS` tokens.", "",
           fidelity_table(summary, overall=False), ""]
     (out / f"{STEM}.md").write_text("\n".join(md))
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
-    begin, end = "<!-- fidelity-table: begin -->", "<!-- fidelity-table: end -->"
-    if begin in text and end in text:
-        head, rest = text.split(begin)
-        _, tail = rest.split(end)
-        readme.write_text(head + begin + "\n" + fidelity_table(summary, overall=True) + "\n" + end + tail)
+    write_readme_section("fidelity-table", fidelity_table(summary, overall=True))
     print("\n".join(md))
 
 

@@ -150,6 +150,22 @@ def cell(result: Result | None) -> str:
     return f"{format_seconds(result.seconds)} / {format_bytes(result.memory_bytes)}"
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def write_readme_section(name: str, text: str, readme: Path = README) -> bool:
+    """Replace what README.md holds between ``<!-- {name}: begin -->`` and ``<!-- {name}: end -->``
+    with ``text`` (the README's generated figures); False where the markers are missing."""
+    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

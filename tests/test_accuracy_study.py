@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,24 @@ def test_all_stages_write_results_plots_and_timings(finished_study):
     assert report["commit"] and report["machine"] and report["recipe"]["meta_steps"] == 2
     markdown = (results / "tiny-study.md").read_text()
     assert "tiny notes" in markdown and "## Learning curve" in markdown and "python -m benchmarks.accuracy_study" in markdown
+
+
+def test_report_rewrites_only_the_readme_section_between_its_markers(finished_study, tmp_path):
+    root, path = finished_study
+    readme = tmp_path / "README.md"
+    readme.write_text("# intro\n<!-- tiny-study: begin -->\nold figures\n<!-- tiny-study: end -->\n## after\n")
+    config = yaml.safe_load(path.read_text())
+    config["readme"] = str(readme)
+    assert main(["--config", str(write_config(tmp_path / "with-readme.yaml", config)), "--stage", "report"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# intro\n<!-- tiny-study: begin -->\n") and text.endswith("<!-- tiny-study: end -->\n## after\n")
+    assert "old figures" not in text
+    report = json.loads((root / "results" / "tiny-study.json").read_text())
+    perk_768 = next(r for r in report["by_length"] if r["method"] == "perk" and r["length_tokens"] == 768)
+    assert f"| perk | {perk_768['exact_match']:.0f} % (n=4) |" in text  # the figures come from the report
+    assert "step 2:" in text and "| issue 26 target | reached | met |" in text
+    # links are relative to the README's folder
+    assert f"]({Path(os.path.relpath(root / 'results', tmp_path)) / 'tiny-study-curve.png'})" in text
 
 
 def test_rerun_is_a_no_op_and_a_changed_recipe_is_refused(finished_study, tmp_path):
