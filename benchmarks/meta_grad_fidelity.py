@@ -114,7 +114,7 @@ class Setting:
     def __init__(self, name: str, base, tokenizer):
         self.name, self.config = name, SETTINGS[name]
         rounded = copy.deepcopy(base).to(torch.bfloat16)
-        self.reference = PerkModel.from_base(copy.deepcopy(rounded).float(), tokenizer, dataclasses.replace(self.config))
+        self.reference = PerkModel.from_base(copy.deepcopy(rounded).to(torch.float32), tokenizer, dataclasses.replace(self.config))
         self.bf16 = PerkModel.from_base(rounded, tokenizer, dataclasses.replace(self.config))
         self.init = {k: v.detach().clone() for k, v in self.reference.meta_parameters().items()}
 
