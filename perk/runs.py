@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import save
 
 from perk.checkpoint import read_safetensors, write_file_atomic
-from perk.cli import UsageError, build_config, config_to_dict, flatten
+from perk.cli import UsageError, config_from_mapping, config_to_dict
 from perk.config import PerkConfig
 from perk.config import _check_positive as check_positive
 from perk.distributed import Launch, from_rank0
@@ -86,13 +86,6 @@ class DataConfig:
         for name in ("context_tokens", "train_problems", "eval_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-
-    def check_files(self) -> None:
-        """The dataset files exist (UsageError otherwise). Checked where they are read (perk.train),
-        not when a run's config is loaded: a finished run is used without its training data."""
-        for name in ("train_file", "eval_file"):
-            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
-                raise UsageError(f"data.{name}: no such file: {getattr(self, name)}")
 
     def describe(self) -> str:
         """What the problems are, for the results' header."""
@@ -296,7 +289,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: not a run config (expected a mapping of keys to values)")
     try:
-        return build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in flatten(data).items()}))
+        return config_from_mapping(TrainConfig, data)
     except UsageError as err:
         raise UsageError(f"{path}: {err}") from None
 
