@@ -10,7 +10,14 @@ from perk_kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
-from perk_kernels.lora_inner_step import expand_group_table, lora_inner_step, lora_inner_step_reference
+from perk_kernels.lora_inner_step import (
+    expand_group_table,
+    inner_step_clip,
+    inner_step_clip_jvp,
+    inner_step_direction,
+    lora_inner_step,
+    lora_inner_step_reference,
+)
 from perk_kernels.lora_linear import LoraSegments, lora_linear, lora_linear_reference, lora_segments
 from perk_kernels.meta_grad_accumulate import cuda_extension_available, meta_grad_accumulate, meta_grad_accumulate_reference
 
@@ -20,6 +27,9 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
     "expand_group_table",
+    "inner_step_clip",
+    "inner_step_clip_jvp",
+    "inner_step_direction",
     "lora_inner_step",
     "lora_inner_step_reference",
     "LoraSegments",

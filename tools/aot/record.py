@@ -148,14 +148,10 @@ def _drive_adapter_ops(model: ModelShape, rank: int, use: list) -> None:
     phi, direction, g_plus, g_minus = (torch.empty(n_adapters, offsets[-1]) for _ in range(4))
     lr = torch.full((len(sizes),), 0.1)
     use[0] = "lora_inner_step"
+    # The engine's steps: in place, with and without clipping (a differentiated step is the torch
+    # reference, no kernel).
     for max_grad_norm in (None, 1.0):
-        lora_inner_step(phi, direction, lr, offsets, max_grad_norm=max_grad_norm, inplace=True)
-    # Out of place and differentiated (unrolled steps of an op user; the engine's are in place).
-    params = phi.detach().requires_grad_()
-    lr_param = lr.clone().requires_grad_()
-    for max_grad_norm in (None, 1.0):
-        out = lora_inner_step(params, direction, lr_param, offsets, max_grad_norm=max_grad_norm)
-        out.backward(torch.empty_like(out))
+        lora_inner_step(phi, direction, lr, offsets, weight_decay=0.01, max_grad_norm=max_grad_norm, inplace=True)
     use[0] = "meta_grad_accumulate"
     lr_grad = torch.zeros(n_adapters, len(sizes))
     meta_grad_accumulate(phi, direction, g_plus, g_minus, torch.ones(n_adapters), lr_grad, offsets, backend="triton")
