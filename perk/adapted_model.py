@@ -91,13 +91,13 @@ class AdaptedModel:
             a.uniform_(-bound, bound, generator=generator)
         return flat[0].to(self.device)
 
-    def adapter_active(self, adapter: torch.Tensor | None, sequence_adapters: torch.Tensor | None = None):
+    def adapter_active(self, adapter: torch.Tensor | None, row_adapters: torch.Tensor | None = None):
         """Context manager: the model's forward applies the flat ``adapter`` (n, P) (None: the
-        plain base model); ``sequence_adapters`` picks each sequence's row when n > 1."""
+        plain base model); ``row_adapters`` (batch,) gives each row's adapter when n > 1."""
         if adapter is None:
             return contextlib.nullcontext()
         views = self.layout.module_views(adapter.to(self.device, self.dtype))
-        return self.context.active(views, sequence_adapters)
+        return self.context.active(views, row_adapters)
 
     # ------------------------------------------------------------------------------------------
     # Losses and gradients
@@ -132,8 +132,8 @@ class AdaptedModel:
         token_losses = torch.zeros_like(batch.loss_weights, dtype=self.dtype) if keep_token_losses else None
         head = self.model.get_output_embeddings()
         for rows in batch.chunks(self.micro_batch_tokens):
-            sequence_adapters = batch.row_adapters[rows] if n_adapters > 1 else None
-            with torch.set_grad_enabled(track), self.context.active(modules, sequence_adapters):
+            row_adapters = batch.row_adapters[rows] if n_adapters > 1 else None
+            with torch.set_grad_enabled(track), self.context.active(modules, row_adapters):
                 hidden = self.hidden(batch.input_ids[rows])  # (rows, seq, d_model)
                 nll = perk_kernels.fused_linear_cross_entropy(
                     hidden.flatten(0, 1), head.weight, batch.labels[rows].flatten(),
@@ -241,16 +241,16 @@ class AdaptedModel:
         must fit the model window (a ValueError: no position exists past it)."""
         self.check_fits_window(max(len(p) for p in prompts), max_new_tokens)
         input_ids, attention_mask = self._left_pad(prompts)
-        sequence_adapters = None
+        row_adapters = None
         if adapter is not None and adapter.shape[0] > 1:
             if adapter.shape[0] != len(prompts):
                 raise ValueError(f"adapter has {adapter.shape[0]} rows for {len(prompts)} prompts")
-            sequence_adapters = torch.arange(len(prompts), device=self.device)
+            row_adapters = torch.arange(len(prompts), device=self.device)
         generation = GenerationConfig(
             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self._stop_token_ids(),
             pad_token_id=self.pad_id, bos_token_id=None,
         )
-        with torch.no_grad(), self.adapter_active(adapter, sequence_adapters):
+        with torch.no_grad(), self.adapter_active(adapter, row_adapters):
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
         if self.stop_at_newline:

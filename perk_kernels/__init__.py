@@ -18,7 +18,7 @@ from perk_kernels.lora_inner_step import (
     lora_inner_step,
     lora_inner_step_reference,
 )
-from perk_kernels.lora_linear import LoraSegments, lora_linear, lora_linear_reference, lora_segments
+from perk_kernels.lora_linear import AdapterRows, lora_linear, lora_linear_reference, adapter_rows
 from perk_kernels.meta_grad_accumulate import cuda_extension_available, meta_grad_accumulate, meta_grad_accumulate_reference
 
 __all__ = [
@@ -32,10 +32,10 @@ __all__ = [
     "inner_step_direction",
     "lora_inner_step",
     "lora_inner_step_reference",
-    "LoraSegments",
+    "AdapterRows",
     "lora_linear",
     "lora_linear_reference",
-    "lora_segments",
+    "adapter_rows",
     "cuda_extension_available",
     "meta_grad_accumulate",
     "meta_grad_accumulate_reference",

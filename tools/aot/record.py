@@ -115,13 +115,13 @@ def _tf32(enabled: bool) -> Iterator[None]:
 
 
 def _drive_lora_linear(model: ModelShape, rank: int, dtype: torch.dtype, use: list) -> None:
-    from perk_kernels import lora_linear, lora_segments
+    from perk_kernels import lora_linear, adapter_rows
 
     layers = {(d_in, d_out, bias) for _, d_in, d_out, bias in model.projections()}
     for scenario in SCENARIOS:
         rows = scenario.n_adapters * scenario.rows_per_adapter
         ids = torch.arange(scenario.n_adapters).repeat_interleave(scenario.rows_per_adapter)
-        segments = lora_segments(ids, scenario.n_adapters)
+        by_adapter = adapter_rows(ids, scenario.n_adapters)
         for d_in, d_out, bias in sorted(layers):
             use[0] = f"lora_linear {scenario.name}"
             x = torch.empty(rows, d_in, dtype=dtype, requires_grad=scenario.backward)
@@ -130,7 +130,7 @@ def _drive_lora_linear(model: ModelShape, rank: int, dtype: torch.dtype, use: li
             lora_a = torch.empty(scenario.n_adapters, rank, d_in, requires_grad=scenario.backward)
             lora_b = torch.empty(scenario.n_adapters, d_out, rank, requires_grad=scenario.backward)
             with torch.set_grad_enabled(scenario.backward):
-                y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, segments)
+                y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, by_adapter)
             if scenario.backward:
                 y.backward(torch.empty_like(y))
 
