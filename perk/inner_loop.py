@@ -163,7 +163,7 @@ def inner_loop(
     *,
     record_from: int | None = None,
     differentiable: bool = False,
-    group=None,
+    process_group=None,
     before_step: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, list[InnerStepRecord], PerkStats]:
     """N inner steps from ``init`` (P,) with rates ``lr`` (N, G) over ``segments``; returns φ_N
@@ -174,7 +174,7 @@ def inner_loop(
     graph (create_graph), earlier ones use detached gradients; φ_N then carries the graph to
     ``init``, ``lr`` and ``token_weights``. Otherwise nothing is differentiated.
 
-    ``group`` (a torch.distributed process group): ``segments`` (and ``token_weights``) are this
+    ``process_group`` (a torch.distributed process group): ``segments`` (and ``token_weights``) are this
     rank's share of the rows, with loss weights normalised over all ranks' rows; each step
     all-reduces the inner gradient and losses, so the sum is the whole gradient and every rank
     (clipping included) takes the step one process would take on all rows. ``stats.context_tokens``
@@ -183,7 +183,7 @@ def inner_loop(
     ``before_step(n)``, when given, is called before step n's pass (the meta-gradient uses it to
     switch the base model to fp32 for its last steps).
     """
-    if group is not None and differentiable:
+    if process_group is not None and differentiable:
         raise ValueError("a context sharded over a process group is encoded without a graph (differentiable=False)")
     n_adapters = segments.n_adapters
     if not differentiable:
@@ -203,8 +203,8 @@ def inner_loop(
             token_weights=token_weights if unrolled or token_weights is None else token_weights.detach(),
         )
         grad, step_losses = result.grad, result.losses
-        if group is not None:  # this rank's share of the sums → the whole sums, before anything reads them
-            grad, step_losses = all_reduce_sum_([grad, step_losses], group)
+        if process_group is not None:  # this rank's share of the sums → the whole sums, before anything reads them
+            grad, step_losses = all_reduce_sum_([grad, step_losses], process_group)
         step_lr = lr[n].unsqueeze(0).expand(n_adapters, -1)
         # A row sum is non-finite where any element is (or where finite ones overflow, a step as unusable).
         nonfinite[n] = ~(step_losses.isfinite() & grad.sum(1).isfinite())
