@@ -58,7 +58,8 @@ from benchmarks.naive_perk import NaivePerk
 from perk.config import LLAMA_TARGETS, PerkConfig
 from perk.engine import PerkModel
 from perk.models import load_base_model
-from perk.runs import TrainConfig, resolve_threads
+from perk.config import TrainConfig
+from perk.runs import resolve_threads
 from perk.segments import build_prompt
 from perk.tasks import generate
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from perk.fields import field  # noqa: F401  (re-exported: configs declare their fields with it)
 
 
 class UsageError(Exception):

@@ -18,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from perk.cli import ArgumentParser, UsageError, positive_int, run_main
-from perk.methods import METHODS, answer_budget, evaluate
+from perk.config import METHODS
+from perk.methods import answer_budget, evaluate
 from perk.problems import as_trained, generate_problems
 from perk.report import write_results
 from perk.runs import (

@@ -27,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from perk.adapted_model import AdaptedModel
+from perk.config import METHODS
 from perk.engine import PerkModel
 from perk.report import Prediction
 from perk.segments import TokenBatch, answer_text, prompt_token_ids, rows_to_batch, text_ids
 from perk.tasks import answer_part, exact_match, f1
 
-METHODS = ("perk", "zeroshot", "ftic")
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:

@@ -1,4 +1,4 @@
-"""The problems a run trains and is evaluated on, as its :class:`~perk.runs.DataConfig` says.
+"""The problems a run trains and is evaluated on, as its :class:`~perk.config.DataConfig` says.
 
 Generated offline (:mod:`perk.tasks`: the config's task, context length, order markers and
 document indices), or read from dataset files (the official PERK data as it comes), optionally as
@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from perk.adapted_model import AdaptedModel
 from perk.cli import UsageError
+from perk.config import DataConfig, TrainConfig
 from perk.methods import answer_budget, check_fits_window
-from perk.runs import DataConfig, TrainConfig
 from perk.tasks import generate, read_located_problems, with_support_target
 
 

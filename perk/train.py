@@ -43,6 +43,7 @@ from perk.cli import (
     run_main,
     set_keys,
 )
+from perk.config import TrainConfig, gpu_defaults
 from perk.distributed import (
     Launch,
     barrier,
@@ -64,8 +65,6 @@ from perk.runs import (
     PHASES,
     RESOLVED_CONFIG,
     MetricsLog,
-    TrainConfig,
-    gpu_defaults,
     read_run_config,
     resolve_device,
     run_directory,

@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from perk.checkpoint import Checkpoint, rng_state, save_checkpoint, set_rng_state
 from perk.cli import UsageError
+from perk.config import TrainConfig
 from perk.distributed import SINGLE_PROCESS, Launch, all_reduce_mean, shard
 from perk.engine import PerkModel, load_tensors
 from perk.methods import ftic_batch, ftic_loss_and_grad
-from perk.runs import PHASES, MetricsLog, TrainConfig
+from perk.runs import PHASES, MetricsLog
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, field, positive_int, set_keys
+from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, positive_int, set_keys
+from perk.config import field
 
 
 @dataclass

@@ -20,6 +20,7 @@ from perk import PerkConfig, PerkModel
 from perk import encode as perk_encode
 from perk import eval as perk_eval
 from perk import train as perk_train
+from perk.config import TrainConfig
 from perk.distributed import SINGLE_PROCESS
 from perk.runs import (
     FTIC_ADAPTER,
@@ -28,7 +29,6 @@ from perk.runs import (
     PERK_DIR,
     RESOLVED_CONFIG,
     MetricsLog,
-    TrainConfig,
     run_lock,
     save_resolved_config,
 )

@@ -21,7 +21,7 @@ import perk.meta_gradient as meta_gradient
 from perk import PerkConfig, PerkModel
 from perk.inner_loop import inner_loop
 from perk.meta_gradient import fd_step
-from perk.runs import TrainConfig
+from perk.config import TrainConfig
 from tests.test_meta_gradient import (
     PROBLEMS,
     directional_derivative,
