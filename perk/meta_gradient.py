@@ -45,6 +45,7 @@ import torch
 
 import perk_kernels
 from perk.adapted_model import AdaptedModel
+from perk.attention import eager_attention
 from perk.config import PerkConfig
 from perk.inner_loop import InnerStepRecord, PerkStats, inner_loop
 from perk.segments import TokenBatch
@@ -282,7 +283,7 @@ def _exact(adapted, config, init, lr, segments, answers, token_weights):
     leaves = [init.requires_grad_(), lr.requires_grad_()]
     if token_weights is not None:
         leaves.append(token_weights.requires_grad_())
-    with adapted.eager_attention(), adapted.kernel_backend("torch"), torch.enable_grad():
+    with eager_attention(adapted.model), adapted.kernel_backend("torch"), torch.enable_grad():
         phi, _, stats = inner_loop(adapted, config, init, lr, segments, token_weights, differentiable=True)
         loss = adapted.loss_and_grad(answers, phi, grad=False).losses.sum()
         check_outer_loss(loss.detach().unsqueeze(0))

@@ -125,7 +125,7 @@ def answer_budget(tokenizer, problems: Sequence[dict], max_new_tokens: int) -> i
 PROMPT_SLACK = 8
 
 
-def check_fits_window(adapted: AdaptedModel, problem: dict, *, answer_tokens: int | None) -> None:
+def check_problem_fits(adapted: AdaptedModel, problem: dict, *, answer_tokens: int | None) -> None:
     """ValueError unless ``problem`` fits the model window in every method: its question prompt
     (with an empty context, as the prompt-based methods start, the longest) followed by its answer
     and eos (``answer_tokens`` None: a training problem), or by ``answer_tokens`` generated tokens

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from perk.adapted_model import AdaptedModel
 from perk.cli import UsageError
 from perk.config import DataConfig, TrainConfig
-from perk.methods import answer_budget, check_fits_window
+from perk.methods import answer_budget, check_problem_fits
 from perk.tasks import generate, read_located_problems, with_support_target
 
 
@@ -86,7 +86,7 @@ def make_problems(config: TrainConfig, adapted: AdaptedModel) -> tuple[list[dict
     for problems, answer_tokens in ((train, None), (held_out, budget)):
         for where, problem in problems:
             try:
-                check_fits_window(adapted, problem, answer_tokens=answer_tokens)
+                check_problem_fits(adapted, problem, answer_tokens=answer_tokens)
             except ValueError as err:
                 raise UsageError(f"{where}: {err}") from None
     return [p for _, p in train], [p for _, p in held_out]
