@@ -63,12 +63,14 @@ from tqdm.auto import tqdm
 
 from benchmarks.report import write_readme_section
 from perk.checkpoint import checkpoint_dir, read_checkpoint, read_safetensors, write_file_atomic, write_folder_atomic
-from perk.cli import ArgumentParser, UsageError, build_config, config_to_dict, field, flatten, run_main
+from perk.cli import ArgumentParser, UsageError, build_config, config_to_dict, flatten, run_main
+from perk.config import field
 from perk.engine import CONFIG_NAME, WEIGHTS_NAME, PerkModel, load_tensors, read_pretrained
 from perk.methods import answer_budget, evaluate, ftic_loss_and_grad
 from perk.models import load_base_model, resolve_base_dtype
 from perk.report import Prediction, markdown_table, plot_accuracy, summarize
-from perk.runs import FTIC_ADAPTER, METRICS, PERK_DIR, RESOLVED_CONFIG, TrainConfig, load_ftic_adapter, read_run_config, run_directory
+from perk.config import TrainConfig
+from perk.runs import FTIC_ADAPTER, METRICS, PERK_DIR, RESOLVED_CONFIG, load_ftic_adapter, read_run_config, run_directory
 from perk.tasks import generate
 
 STAGES = ("train", "export", "curve", "eval", "report")  # what --stage all runs, in order

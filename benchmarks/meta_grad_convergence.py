@@ -39,7 +39,7 @@ import torch
 
 from perk import PerkModel
 from perk.models import load_base_model
-from perk.runs import TrainConfig
+from perk.config import TrainConfig
 from perk.tasks import generate
 from perk.tasks.scoring import exact_match
 

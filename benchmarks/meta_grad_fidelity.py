@@ -54,7 +54,7 @@ from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import cosine, percentile, relative_error
 from perk.inner_loop import inner_loop
 from perk.models import load_base_model
-from perk.runs import TrainConfig
+from perk.config import TrainConfig
 from perk.tasks import generate
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -55,10 +55,10 @@ from benchmarks.conftest import (
 )
 from benchmarks.naive_perk import NaivePerk
 
-from perk.config import LLAMA_TARGETS, PerkConfig
+from perk.config import LLAMA_TARGETS, PerkConfig, TrainConfig
 from perk.engine import PerkModel
 from perk.models import load_base_model
-from perk.runs import TrainConfig, resolve_threads
+from perk.runs import resolve_threads
 from perk.segments import build_prompt, context_segments
 from perk.tasks import generate
 

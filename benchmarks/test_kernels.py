@@ -29,7 +29,7 @@ from benchmarks.conftest import CUDA, DEVICE, SIZE, synchronize, time_kernel
 
 from perk_kernels import lora_inner_step, lora_linear, lora_linear_reference
 from perk_kernels._utils import interpret_mode
-from perk_kernels.lora_linear import lora_segments
+from perk_kernels.lora_linear import adapter_rows
 from tools.shapes import QWEN2_5_0_5B
 
 SCALE = 2.0
@@ -73,10 +73,10 @@ def _peft_loop(x, weight, bias, lora_a, lora_b, scale, bounds):
     return torch.cat(outs)
 
 
-def _linear_provider(provider, bounds, segments):
+def _linear_provider(provider, bounds, by_adapter):
     return {
-        "triton": lambda x, w, b, la, lb: lora_linear(x, w, b, la, lb, SCALE, segments, backend="triton"),
-        "reference": lambda x, w, b, la, lb: lora_linear_reference(x, w, b, la, lb, SCALE, segments),
+        "triton": lambda x, w, b, la, lb: lora_linear(x, w, b, la, lb, SCALE, by_adapter, backend="triton"),
+        "reference": lambda x, w, b, la, lb: lora_linear_reference(x, w, b, la, lb, SCALE, by_adapter),
         "peft_loop": lambda x, w, b, la, lb: _peft_loop(x, w, b, la, lb, SCALE, bounds),
         "base": lambda x, w, b, la, lb: F.linear(x, w, b),
     }[provider]
@@ -101,8 +101,8 @@ def test_lora_linear(benchmark, mode, provider, layer, rank, n_adapters, rows):
     per = rows // n_adapters
     bounds = [(a * per, rows if a == n_adapters - 1 else (a + 1) * per) for a in range(n_adapters)]
     ids = torch.cat([torch.full((e - s,), a, dtype=torch.int64) for a, (s, e) in enumerate(bounds)]).to(DEVICE)
-    segments = lora_segments(ids, n_adapters)  # built once per batch, outside the timed region
-    fn = _linear_provider(provider, bounds, segments)
+    by_adapter = adapter_rows(ids, n_adapters)  # built once per batch, outside the timed region
+    fn = _linear_provider(provider, bounds, by_adapter)
     dy = torch.randn(rows, d_out, device=DEVICE).to(DTYPE)
 
     def run():

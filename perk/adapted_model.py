@@ -16,18 +16,17 @@ Losses never materialise logits: the decoder's last hidden states go through
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 import perk_kernels
-from perk.attention import SEGMENT_ATTENTION
+from perk import prompts
+from perk.attention import cpu_segment_attention
 from perk.lora import AdapterContext, AdapterLayout, inject_lora
-from perk.segments import IGNORE_INDEX, TokenBatch, prompt_ids
+from perk.segments import IGNORE_INDEX, TokenBatch
 
 
 @dataclass
@@ -77,6 +76,8 @@ class AdaptedModel:
         self.dtype = dtype
         self.micro_batch_tokens = micro_batch_tokens
         self.stop_at_newline = stop_at_newline
+        self.window = prompts.model_window(model, tokenizer)  # the context window in tokens
+        self.filler_id = prompts.filler_id(model, tokenizer)  # right padding of loss batches
 
     @property
     def backend(self) -> str | None:
@@ -91,13 +92,13 @@ class AdaptedModel:
             a.uniform_(-bound, bound, generator=generator)
         return flat[0].to(self.device)
 
-    def adapter_active(self, adapter: torch.Tensor | None, sequence_adapters: torch.Tensor | None = None):
+    def adapter_active(self, adapter: torch.Tensor | None, row_adapters: torch.Tensor | None = None):
         """Context manager: the model's forward applies the flat ``adapter`` (n, P) (None: the
-        plain base model); ``sequence_adapters`` picks each sequence's row when n > 1."""
+        plain base model); ``row_adapters`` (batch,) gives each row's adapter when n > 1."""
         if adapter is None:
             return contextlib.nullcontext()
         views = self.layout.module_views(adapter.to(self.device, self.dtype))
-        return self.context.active(views, sequence_adapters)
+        return self.context.active(views, row_adapters)
 
     # ------------------------------------------------------------------------------------------
     # Losses and gradients
@@ -132,8 +133,8 @@ class AdaptedModel:
         token_losses = torch.zeros_like(batch.loss_weights, dtype=self.dtype) if keep_token_losses else None
         head = self.model.get_output_embeddings()
         for rows in batch.chunks(self.micro_batch_tokens):
-            sequence_adapters = batch.row_adapters[rows] if n_adapters > 1 else None
-            with torch.set_grad_enabled(track), self.context.active(modules, sequence_adapters):
+            row_adapters = batch.row_adapters[rows] if n_adapters > 1 else None
+            with torch.set_grad_enabled(track), self.context.active(modules, row_adapters):
                 hidden = self.hidden(batch.input_ids[rows])  # (rows, seq, d_model)
                 nll = perk_kernels.fused_linear_cross_entropy(
                     hidden.flatten(0, 1), head.weight, batch.labels[rows].flatten(),
@@ -161,22 +162,8 @@ class AdaptedModel:
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Last hidden states of the decoder stack (after its final norm): no logits computed."""
-        with self._cpu_segment_kernels():
+        with cpu_segment_attention(self.model):
             return self.model.base_model(input_ids=input_ids, use_cache=False)[0]
-
-    def _cpu_segment_kernels(self) -> contextlib.AbstractContextManager:
-        """On a CPU, passes over segments of an SDPA model run :func:`perk.attention.segment_attention`
-        (SmolLM2-135M in bf16, 1K tokens, one inner step: 28 ms of attention per layer with SDPA's
-        math path, 11-13 ms with it), and SDPA's math path for whatever it hands back to SDPA: at
-        segment lengths torch's CPU flash-attention kernel is the slower one (6.5 s against 6.1 s
-        for the same step). Elsewhere, and for eager attention (the exact meta-gradient), nothing changes."""
-        if self.device.type != "cpu" or self.model.config._attn_implementation != "sdpa":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        if self._segment_attention_supported:
-            stack.enter_context(self._attention_implementation(SEGMENT_ATTENTION))
-        return stack
 
     def features(self, batch: TokenBatch) -> torch.Tensor:
         """(rows, seq, d_model) base-model hidden states of ``batch``, adapters off, no graph."""
@@ -196,61 +183,28 @@ class AdaptedModel:
         finally:
             self.context.backend = saved
 
-    def eager_attention(self) -> contextlib.AbstractContextManager:
-        """Run the block with eager (twice-differentiable) attention; restore the model's choice after."""
-        current = self.model.config._attn_implementation
-        if current != "eager" and not hasattr(self.model, "set_attn_implementation"):
-            raise RuntimeError(
-                f"meta_grad='exact' needs eager attention and this transformers version cannot switch "
-                f"{type(self.model).__name__} from {current!r}; load the model with attn_implementation='eager'"
-            )
-        return self._attention_implementation("eager")
-
-    @contextlib.contextmanager
-    def _attention_implementation(self, name: str):
-        """Run the block with the model's attention implementation ``name``; restore the current one after."""
-        model = self.model
-        current = model.config._attn_implementation
-        if current == name:
-            yield
-            return
-        model.set_attn_implementation(name)
-        try:
-            yield
-        finally:
-            model.set_attn_implementation(current)
-
-    @functools.cached_property
-    def _segment_attention_supported(self) -> bool:
-        """Whether transformers lets this model switch to :data:`SEGMENT_ATTENTION` (an architecture
-        without attention-function support, or an older transformers, keeps SDPA)."""
-        try:
-            with self._attention_implementation(SEGMENT_ATTENTION):
-                return True
-        except (AttributeError, ValueError):
-            return False
-
     # ------------------------------------------------------------------------------------------
     # Prompts and generation
     # ------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], adapter: torch.Tensor | None, max_new_tokens: int = 32) -> list[str]:
-        """Greedy continuations of token-id ``prompts``, stripped (and cut at a newline when
+    def generate(self, prompt_rows: list[list[int]], adapter: torch.Tensor | None, max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of the token-id prompts ``prompt_rows``, stripped (and cut at a newline when
         ``stop_at_newline``). ``adapter``: None for the base model alone, a flat (1, P) adapter
-        for every prompt, or (len(prompts), P), one per prompt. Prompt plus ``max_new_tokens``
+        for every prompt, or (len(prompt_rows), P), one per prompt. Prompt plus ``max_new_tokens``
         must fit the model window (a ValueError: no position exists past it)."""
-        self.check_fits_window(max(len(p) for p in prompts), max_new_tokens)
-        input_ids, attention_mask = self._left_pad(prompts)
-        sequence_adapters = None
+        prompts.check_fits_window(max(len(p) for p in prompt_rows), max_new_tokens, self.window)
+        pad = prompts.pad_id(self.tokenizer)
+        input_ids, attention_mask = prompts.left_pad(prompt_rows, pad, self.device)
+        row_adapters = None
         if adapter is not None and adapter.shape[0] > 1:
-            if adapter.shape[0] != len(prompts):
-                raise ValueError(f"adapter has {adapter.shape[0]} rows for {len(prompts)} prompts")
-            sequence_adapters = torch.arange(len(prompts), device=self.device)
+            if adapter.shape[0] != len(prompt_rows):
+                raise ValueError(f"adapter has {adapter.shape[0]} prompt_rows for {len(prompt_rows)} prompts")
+            row_adapters = torch.arange(len(prompt_rows), device=self.device)
         generation = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self._stop_token_ids(),
-            pad_token_id=self.pad_id, bos_token_id=None,
+            max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=prompts.stop_token_ids(self.tokenizer, self.stop_at_newline), pad_token_id=pad, bos_token_id=None,
         )
-        with torch.no_grad(), self.adapter_active(adapter, sequence_adapters):
+        with torch.no_grad(), self.adapter_active(adapter, row_adapters):
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
         texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
         if self.stop_at_newline:
@@ -258,62 +212,6 @@ class AdaptedModel:
         return [t.strip() for t in texts]
 
     def question_prompt(self, question: str, max_new_tokens: int = 0) -> list[int]:
-        """Token ids of the prompt that asks ``question`` (no context), as answers are trained.
-
-        A ValueError when the question is empty, or when the prompt plus ``max_new_tokens``
-        generated tokens would not fit the model window (positions past it do not exist).
-        """
-        ids = prompt_ids(self.tokenizer, question, self.window)
-        self.check_fits_window(len(ids), max_new_tokens)
-        return ids
-
-    def check_fits_window(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if prompt_tokens + max_new_tokens > self.window:
-            raise ValueError(
-                f"a prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} exceed the model window "
-                f"({self.window}): ask for at most {self.window - prompt_tokens} new tokens"
-            )
-
-    @property
-    def window(self) -> int:
-        """The model's context window in tokens."""
-        config = self.model.config
-        for name in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, name, None)
-            if value:
-                return int(value)
-        return int(self.tokenizer.model_max_length)
-
-    @property
-    def filler_id(self) -> int:
-        """Token id for right padding of loss batches. Causal attention never lets a real token
-        see right padding, so any id works; one other than the model's pad id keeps transformers
-        from warning that an attention mask is missing (none is needed, and SDPA stays causal)."""
-        pad = self.model.config.pad_token_id
-        candidates = (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, 0, 1)
-        return next(c for c in candidates if c is not None and c != pad)
-
-    @property
-    def pad_id(self) -> int:
-        """Left-padding id for generation (the tokenizer's pad, else eos)."""
-        pad = self.tokenizer.pad_token_id
-        return self.tokenizer.eos_token_id if pad is None else pad
-
-    def _stop_token_ids(self) -> list[int]:
-        """eos, plus the newline token when answers stop at a newline and it is a single token."""
-        stops = [self.tokenizer.eos_token_id]
-        if self.stop_at_newline:
-            newline = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
-            if len(newline) == 1:
-                stops += newline
-        return stops
-
-    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row) :] = torch.tensor(row)
-            attention_mask[i, width - len(row) :] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
-
+        """Token ids of the prompt that asks ``question`` (no context), as answers are trained
+        (:func:`perk.prompts.question_prompt`: a ValueError when it and ``max_new_tokens`` do not fit)."""
+        return prompts.question_prompt(self.tokenizer, question, self.window, max_new_tokens)

@@ -1,4 +1,4 @@
-"""Causal self-attention for passes over segments on a CPU.
+"""Causal self-attention for passes over segments on a CPU, and switching a model's attention.
 
 PERK's inner steps run forward and backward over many short segments (128 tokens by default). At
 that size torch's CPU SDPA kernels are mostly overhead: the math path upcasts a bf16 model's q, k
@@ -10,17 +10,22 @@ rows (a view, no copy), the causal mask and the 1/√d scale ride in ``baddbmm``
 taken in fp32 (fp64 for fp64). In bf16 it rounds the scores once, as Hugging Face's eager attention does.
 
 It is registered with transformers under :data:`SEGMENT_ATTENTION` and used only by
-:class:`~perk.adapted_model.AdaptedModel`'s segment passes on a CPU; every call outside its case
-(a padding mask, a KV cache, dropout, soft-capping, a window shorter than the segment, attention
-sinks) goes to transformers' SDPA function unchanged.
+:class:`~perk.adapted_model.AdaptedModel`'s segment passes on a CPU (:func:`cpu_segment_attention`);
+every call outside its case (a padding mask, a KV cache, dropout, soft-capping, a window shorter
+than the segment, attention sinks) goes to transformers' SDPA function unchanged.
+:func:`eager_attention` switches a model to eager attention, the twice-differentiable one that the
+exact meta-gradient needs. Measurements: ``benchmarks/results/cpu-encode*.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import weakref
 
 import torch
-from transformers import AttentionInterface
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -88,3 +93,63 @@ def segment_attention(
 
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Switching a model's attention implementation
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def attention_implementation(model: PreTrainedModel, name: str):
+    """Run the block with the model's attention implementation ``name``; restore the current one after."""
+    current = model.config._attn_implementation
+    if current == name:
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
+def eager_attention(model: PreTrainedModel) -> contextlib.AbstractContextManager:
+    """Run the block with eager (twice-differentiable) attention; restore the model's choice after."""
+    current = model.config._attn_implementation
+    if current != "eager" and not hasattr(model, "set_attn_implementation"):
+        raise RuntimeError(
+            f"meta_grad='exact' needs eager attention and this transformers version cannot switch "
+            f"{type(model).__name__} from {current!r}; load the model with attn_implementation='eager'"
+        )
+    return attention_implementation(model, "eager")
+
+
+_SEGMENT_ATTENTION_SUPPORTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def supports_segment_attention(model: PreTrainedModel) -> bool:
+    """Whether transformers lets ``model`` switch to :data:`SEGMENT_ATTENTION` (an architecture
+    without attention-function support, or an older transformers, keeps SDPA); asked once per model."""
+    if model not in _SEGMENT_ATTENTION_SUPPORTED:
+        try:
+            with attention_implementation(model, SEGMENT_ATTENTION):
+                supported = True
+        except (AttributeError, ValueError):
+            supported = False
+        _SEGMENT_ATTENTION_SUPPORTED[model] = supported
+    return _SEGMENT_ATTENTION_SUPPORTED[model]
+
+
+def cpu_segment_attention(model: PreTrainedModel) -> contextlib.AbstractContextManager:
+    """For passes over segments: on a CPU an SDPA model runs :func:`segment_attention`, and SDPA's
+    math path for whatever that hands back to SDPA (at segment lengths torch's CPU flash-attention
+    kernel is the slower one). Elsewhere, and for eager attention (the exact meta-gradient),
+    nothing changes."""
+    if model.device.type != "cpu" or model.config._attn_implementation != "sdpa":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    if supports_segment_attention(model):
+        stack.enter_context(attention_implementation(model, SEGMENT_ATTENTION))
+    return stack

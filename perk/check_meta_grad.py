@@ -45,7 +45,8 @@ from perk.cli import (
 )
 from perk.engine import PerkModel, load_tensors, read_pretrained
 from perk.models import load_base_model, resolve_base_dtype
-from perk.runs import PERK_DIR, RESOLVED_CONFIG, TrainConfig, read_run_config, resolve_device
+from perk.config import TrainConfig
+from perk.runs import PERK_DIR, RESOLVED_CONFIG, read_run_config, resolve_device
 from perk.tasks import generate
 
 PARAMETERS = ("adapter_init", "inner_lr_log")

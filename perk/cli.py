@@ -21,7 +21,6 @@ from typing import Any
 
 import yaml
 
-from perk.fields import field  # noqa: F401  (re-exported: configs declare their fields with it)
 
 
 class UsageError(Exception):
@@ -136,6 +135,11 @@ def _format_default(value: Any) -> str:
     return str(value)
 
 
+# Where add_config_arguments keeps a config key's value in the parsed namespace (apart from the
+# command's other options): read it with set_keys and build_config, never by this prefix.
+_KEY_DEST = "cfg:"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any | None = None) -> None:
     """One ``--key`` option per leaf field of ``cls`` (nested fields dotted)."""
     defaults = defaults if defaults is not None else cls()
@@ -144,7 +148,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, defaults: A
         default = get_key(defaults, key)
         meaning = f.metadata.get("help", "")
         group.add_argument(
-            f"--{key}", dest=f"cfg:{key}", metavar=_metavar(kind), default=argparse.SUPPRESS,
+            f"--{key}", dest=_KEY_DEST + key, metavar=_metavar(kind), default=argparse.SUPPRESS,
             help=f"{meaning} (default: {_format_default(default)})".replace("%", "%%"),
         )
 
@@ -178,16 +182,32 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def set_keys(namespace: argparse.Namespace) -> set[str]:
+    """The config keys (dotted) the user set on the command line (``--key value``), of the
+    options :func:`add_config_arguments` added; a key left at its default is not in it."""
+    return {key for key, _ in _key_values(namespace)}
+
+
+def _key_values(namespace: argparse.Namespace) -> list[tuple[str, Any]]:
+    return [(k[len(_KEY_DEST):], v) for k, v in vars(namespace).items() if k.startswith(_KEY_DEST)]
+
+
 def build_config(cls: type, namespace: argparse.Namespace, defaults: Any | None = None) -> Any:
     """The config from defaults, then ``namespace.config`` (YAML), then ``--key`` overrides."""
-    config = dataclasses.replace(defaults) if defaults is not None else cls()
-    kinds = {key: kind for key, kind, _ in _walk(cls)}
     values: dict[str, Any] = {}
     yaml_path = getattr(namespace, "config", None)
     if yaml_path:
         values.update(flatten(read_yaml(yaml_path)))
-    values.update({k[4:]: v for k, v in vars(namespace).items() if k.startswith("cfg:")})
-    for key, value in values.items():
+    values.update(_key_values(namespace))
+    return config_from_mapping(cls, values, defaults)
+
+
+def config_from_mapping(cls: type, values: dict[str, Any], defaults: Any | None = None) -> Any:
+    """The config from defaults, then ``values`` (a nested mapping, as in a YAML file, or dotted
+    keys), each converted and checked as on the command line (UsageError otherwise)."""
+    config = dataclasses.replace(defaults) if defaults is not None else cls()
+    kinds = {key: kind for key, kind, _ in _walk(cls)}
+    for key, value in flatten(values).items():
         if key not in kinds:
             raise UsageError(f"unknown config key {key!r} (see --help for the keys)")
         _set_key(config, key, convert(kinds[key], value, key))

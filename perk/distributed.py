@@ -9,7 +9,7 @@ Two ways of spreading work over K processes (ranks), both on ``torch.distributed
   :func:`all_reduce_mean` turns them into those of the whole batch with ONE all-reduce of one flat
   buffer. Every rank then holds the same gradient, so the same Adam step keeps the meta-parameters
   (and the optimizer state) identical on all ranks without ever broadcasting them.
-* **context sharding** (``PerkModel.encode(..., group=...)``, ``python -m perk.encode
+* **context sharding** (``PerkModel.encode(..., process_group=...)``, ``python -m perk.encode
   --shard_context``): one context's segment rows are split over the ranks (:func:`shard_rows`);
   each inner step all-reduces the inner gradient and the inner losses (:func:`all_reduce_sum_`),
   so every rank takes the step one process would, holding 1/K of the activations.
@@ -125,16 +125,16 @@ def shard_rows(batch: TokenBatch, rank: int, world_size: int) -> TokenBatch:
     return batch.select(slice(start, stop))
 
 
-def group_size(group) -> int:
-    """Processes of ``group`` (a ProcessGroup, ``dist.group.WORLD``), 1 for None."""
-    return 1 if group is None else dist.get_world_size(group)
+def group_size(process_group) -> int:
+    """Processes of ``process_group`` (a ProcessGroup, ``dist.group.WORLD``), 1 for None."""
+    return 1 if process_group is None else dist.get_world_size(process_group)
 
 
-def all_reduce_sum_(tensors: Sequence[torch.Tensor], group) -> list[torch.Tensor]:
-    """Σ over the ranks of ``group`` of each tensor (same shapes on every rank), with one
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], process_group) -> list[torch.Tensor]:
+    """Σ over the ranks of ``process_group`` of each tensor (same shapes on every rank), with one
     all-reduce of one flat buffer (in the first tensor's dtype); returns the sums."""
     flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
-    dist.all_reduce(flat, group=group)
+    dist.all_reduce(flat, group=process_group)
     sums, start = [], 0
     for t in tensors:
         sums.append(flat[start : start + t.numel()].view(t.shape).to(t.dtype))

@@ -76,7 +76,7 @@ def encode_and_answer(args: argparse.Namespace, documents: list[str], launch: La
         pm.adapted.question_prompt(question, args.max_new_tokens)
 
     start = time.perf_counter()
-    memory = pm.encode([documents], group=dist.group.WORLD if launch.distributed else None)
+    memory = pm.encode([documents], process_group=dist.group.WORLD if launch.distributed else None)
     if not launch.is_main:  # every process holds the same memory: rank 0 answers and saves
         return 0
     stats = memory.stats

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -176,7 +177,7 @@ class PerkModel:
     # Public API: encode, answer, meta_loss, meta_gradient
     # ------------------------------------------------------------------------------------------
 
-    def encode(self, contexts: str | list[str | list[str]], *, group=None) -> Memory:
+    def encode(self, contexts: str | list[str | list[str]], *, process_group=None, group=None) -> Memory:
         """Write contexts into adapters, one each: N inner steps from θ, no graph kept.
 
         ``contexts`` is a list of contexts, each a str or a list of str documents (so
@@ -184,24 +185,28 @@ class PerkModel:
         lone str is one context. All contexts are encoded in the same forward passes and get the
         same adapters as one at a time. The memory's ``stats`` tell what the call did.
 
-        ``group`` (a ``torch.distributed`` process group, e.g. ``torch.distributed.group.WORLD``):
-        shard the contexts' segment rows over the group's ranks, which must all call ``encode``
-        with the same contexts and meta-parameters. Each rank runs the forward and backward
-        passes of its share of the rows only (1/K of the activations); every inner step
-        all-reduces the inner gradient and losses, so every rank returns the memory one process
-        would (up to float summation order).
+        ``process_group`` (a ``torch.distributed`` process group, e.g.
+        ``torch.distributed.group.WORLD``): shard the contexts' segment rows over the group's
+        ranks, which must all call ``encode`` with the same contexts and meta-parameters. Each
+        rank runs the forward and backward passes of its share of the rows only (1/K of the
+        activations); every inner step all-reduces the inner gradient and losses, so every rank
+        returns the memory one process would (up to float summation order). ``group`` is its
+        former name, still accepted (with a DeprecationWarning).
         """
+        if group is not None:
+            warnings.warn("PerkModel.encode(group=...) is now encode(process_group=...)", DeprecationWarning, stacklevel=2)
+            process_group = process_group if process_group is not None else group
         start = time.perf_counter()
         segments = self._segments([contexts] if isinstance(contexts, str) else contexts)
         local = segments
-        if group_size(group) > 1:
-            local = shard_rows(segments, torch.distributed.get_rank(group), group_size(group))
+        if group_size(process_group) > 1:
+            local = shard_rows(segments, torch.distributed.get_rank(process_group), group_size(process_group))
         else:
-            group = None  # one process: the plain path
+            process_group = None  # one process: the plain path
         with torch.no_grad():
             phi, _, stats = inner_loop(
                 self.adapted, self.config, self.adapter_init, self.inner_learning_rates(), local,
-                self._token_weights(local), group=group,
+                self._token_weights(local), process_group=process_group,
             )
         stats.context_tokens = segments.n_tokens
         stats.seconds = time.perf_counter() - start

@@ -18,7 +18,9 @@ import argparse
 from pathlib import Path
 
 from perk.cli import ArgumentParser, UsageError, positive_int, run_main
-from perk.methods import METHODS, answer_budget, evaluate
+from perk.config import METHODS
+from perk.methods import answer_budget, evaluate
+from perk.problems import as_trained, generate_problems
 from perk.report import write_results
 from perk.runs import (
     FTIC_ADAPTER,
@@ -29,14 +31,7 @@ from perk.runs import (
     resolve_device,
     set_threads,
 )
-from perk.tasks import (
-    TASKS,
-    generate,
-    parse_depth,
-    parse_length,
-    read_problems,
-    with_support_target,
-)
+from perk.tasks import TASKS, parse_depth, parse_length, read_problems
 
 
 def _csv(parse, what):
@@ -102,19 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             raise UsageError(f"--data {data_file}: no problems in the file")
     else:
-        task = args.task or data.task
-        lengths = args.lengths or [data.context_tokens]
-        depths = args.depths or [None]
-        problems = [
-            p.to_json()
-            for length in lengths
-            for depth in depths
-            for p in generate(task, args.n, length, pm.tokenizer, seed=args.seed,
-                              depth=depth,
-                              order_markers=data.order_markers, doc_index=data.doc_index)
+        problems = [  # the run's task and length unless --task or --lengths is given
+            p
+            for length in args.lengths or [None]
+            for depth in args.depths or [None]
+            for p in generate_problems(data, pm.tokenizer, args.n, args.seed, task=args.task, context_tokens=length,
+                                       depth=depth)
         ]
-    if data.support_targets:
-        problems = [with_support_target(p) for p in problems]
+    problems = [as_trained(data, p) for p in problems]
     ftic = load_ftic_adapter(args.checkpoint, pm) if "ftic" in args.methods else None
     max_new_tokens = answer_budget(pm.tokenizer, problems, args.max_new_tokens or run_config.max_new_tokens)
     predictions = evaluate(pm, problems, args.methods, ftic_adapter=ftic, max_new_tokens=max_new_tokens,

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import perk_kernels
-from perk_kernels import LoraSegments, lora_segments
+from perk_kernels import AdapterRows, adapter_rows
 
 
 @dataclass(frozen=True)
@@ -93,23 +93,23 @@ class AdapterContext:
     """What the injected layers read during one forward: adapter tensors and row → adapter ids.
 
     ``adapters`` is None outside :meth:`active`: the layers then compute the plain base layer.
-    ``sequence_adapters`` gives the adapter of every sequence of the batch (None: all use
-    adapter 0); the per-row segment metadata of :func:`perk_kernels.lora_segments` is built once
-    per input shape and reused by every layer.
+    ``row_adapters`` gives the adapter of every row (sequence) of the batch (None: all use
+    adapter 0); the rows of each adapter (:func:`perk_kernels.adapter_rows`) are found once per
+    input shape and reused by every layer.
     """
 
     def __init__(self, scale: float, backend: str | None = None):
         self.scale = float(scale)
         self.backend = backend
         self.adapters: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.sequence_adapters: torch.Tensor | None = None
-        self._segments: tuple[torch.Size, LoraSegments] | None = None
+        self.row_adapters: torch.Tensor | None = None
+        self._adapter_rows: tuple[torch.Size, AdapterRows] | None = None
 
     @contextlib.contextmanager
     def active(
         self,
         adapters: list[tuple[torch.Tensor, torch.Tensor]],
-        sequence_adapters: torch.Tensor | None = None,
+        row_adapters: torch.Tensor | None = None,
         *,
         backend: str | None = None,
     ):
@@ -117,29 +117,29 @@ class AdapterContext:
 
         Args:
             adapters: per module, ``(A (n_adapters, r, d_in), B (n_adapters, d_out, r))``.
-            sequence_adapters: (batch,) int64, the adapter of each sequence, or None for adapter 0.
+            row_adapters: (batch,) int64, the adapter of each row (sequence), or None for adapter 0.
             backend: kernel backend for this block (overrides the context's default).
         """
         if self.adapters is not None:
             raise RuntimeError("an adapter context is already active (nested activation)")
         saved_backend = self.backend
-        self.adapters, self.sequence_adapters, self._segments = adapters, sequence_adapters, None
+        self.adapters, self.row_adapters, self._adapter_rows = adapters, row_adapters, None
         if backend is not None:
             self.backend = backend
         try:
             yield self
         finally:
-            self.adapters, self.sequence_adapters, self._segments = None, None, None
+            self.adapters, self.row_adapters, self._adapter_rows = None, None, None
             self.backend = saved_backend
 
-    def segments(self, leading_shape: torch.Size, n_adapters: int) -> LoraSegments | None:
+    def adapter_rows(self, leading_shape: torch.Size, n_adapters: int) -> AdapterRows | None:
         """Row → adapter metadata for inputs of leading shape ``(batch, seq)``; cached per shape."""
-        if self.sequence_adapters is None or n_adapters == 1:
+        if self.row_adapters is None or n_adapters == 1:
             return None
-        if self._segments is None or self._segments[0] != leading_shape:
-            ids = self.sequence_adapters.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
-            self._segments = (leading_shape, lora_segments(ids, n_adapters))
-        return self._segments[1]
+        if self._adapter_rows is None or self._adapter_rows[0] != leading_shape:
+            ids = self.row_adapters.view(-1, *([1] * (len(leading_shape) - 1))).expand(leading_shape)
+            self._adapter_rows = (leading_shape, adapter_rows(ids, n_adapters))
+        return self._adapter_rows[1]
 
 
 class LoraLinear(nn.Module):
@@ -172,9 +172,9 @@ class LoraLinear(nn.Module):
         if context.adapters is None:
             return nn.functional.linear(x, self.dense_weight(), self.bias)
         lora_a, lora_b = context.adapters[self.index]
-        segments = context.segments(x.shape[:-1], lora_a.shape[0])
+        by_adapter = context.adapter_rows(x.shape[:-1], lora_a.shape[0])
         return perk_kernels.lora_linear(
-            x, self.dense_weight(), self.bias, lora_a, lora_b, context.scale, segments, backend=context.backend
+            x, self.dense_weight(), self.bias, lora_a, lora_b, context.scale, by_adapter, backend=context.backend
         )
 
     def extra_repr(self) -> str:

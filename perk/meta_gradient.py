@@ -1,26 +1,17 @@
-"""Inner update rules (docs/design.md §2) and the meta-gradient walk-back (§3), on flat adapter buffers.
+"""The meta-gradient (docs/design.md §3): the walk back through the inner loop, on flat adapter buffers.
 
 All tensors here are flat: adapters ``φ (n_adapters, P)``, learning-rate tables ``(n_adapters, G)``
-over the tensor groups of an :class:`~perk.lora.AdapterLayout`. An inner step is
+over the tensor groups of an :class:`~perk.lora.AdapterLayout`. An inner step (docs/design.md §2,
+:mod:`perk.inner_loop`) is
 
     φ_{n+1} = φ_n − α_n ⊙ (D_n(g_n) + λ φ_n),      g_n = ∇_φ L_in(φ_n)
 
-with α_n the per-group rates expanded to elements and D_n the update rule's map from the current
-gradient to the step direction:
-
-* SGD: ``D(g) = c(g)·g`` with the per-adapter clip factor ``c(g) = min(1, M / (‖g‖ + 10⁻⁶))``
-  (1 without clipping). The clip factor depends on φ through g and is differentiated exactly:
-  where it clips, ``∂D/∂g = c·(I − g gᵀ / ((‖g‖ + 10⁻⁶)‖g‖))``.
-* AdamW: ``m ← β1·m + (1−β1)·g``, ``s ← β2·s + (1−β2)·g²``, ``D = m̂ / (√ŝ + eps)``. Adam's
-  moment statistics are treated as constants of the meta-backward (an approximation, warned
-  about once at run time): the earlier steps' part of m and the whole denominator √ŝ + eps carry
-  no derivative, only the current gradient's share of m does, so
-  ``∂D/∂g = (1−β1) / ((1−β1ⁿ⁺¹)(√ŝ + eps))`` (elementwise). Differentiating them exactly is
-  ill-posed where a gradient element is 0 (the Jacobian of m̂/(√ŝ+eps) there is ~1/eps).
-
-With ``Jg = ∂D/∂g`` (symmetric in every rule above) the step's transposed Jacobian is
-``J_nᵀ v = v − H_n u − λ α_n⊙v`` with ``u = Jg (α_n ⊙ v)`` and H_n the Hessian of L_in at φ_n.
-Walking back from ``v_N = ∇ L_out(φ_N)``:
+with D_n the update rule's map from the current gradient to the step direction, whose derivative
+``Jg = ∂D/∂g`` (symmetric for SGD with clipping, ``perk_kernels.inner_step_clip_jvp``, and for
+AdamW with its statistics held constant, an approximation warned about once at run time) the
+forward records (:meth:`perk.inner_loop.InnerStepRecord.hessian_input`). The step's transposed
+Jacobian is ``J_nᵀ v = v − H_n u − λ α_n⊙v`` with ``u = Jg (α_n ⊙ v)`` and H_n the Hessian of L_in
+at φ_n. Walking back from ``v_N = ∇ L_out(φ_N)``:
 
 * ``∂L/∂α_n = −⟨d_n, v_{n+1}⟩`` per (adapter, group), every step (d_n = D_n(g_n) + λφ_n);
 * unrolled steps (the last T): ``v_n = J_nᵀ v_{n+1}``, with ``H u`` by a central finite difference
@@ -54,6 +45,7 @@ import torch
 
 import perk_kernels
 from perk.adapted_model import AdaptedModel
+from perk.attention import eager_attention
 from perk.config import PerkConfig
 from perk.inner_loop import InnerStepRecord, PerkStats, inner_loop
 from perk.segments import TokenBatch
@@ -291,7 +283,7 @@ def _exact(adapted, config, init, lr, segments, answers, token_weights):
     leaves = [init.requires_grad_(), lr.requires_grad_()]
     if token_weights is not None:
         leaves.append(token_weights.requires_grad_())
-    with adapted.eager_attention(), adapted.kernel_backend("torch"), torch.enable_grad():
+    with eager_attention(adapted.model), adapted.kernel_backend("torch"), torch.enable_grad():
         phi, _, stats = inner_loop(adapted, config, init, lr, segments, token_weights, differentiable=True)
         loss = adapted.loss_and_grad(answers, phi, grad=False).losses.sum()
         check_outer_loss(loss.detach().unsqueeze(0))

@@ -27,12 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from perk.adapted_model import AdaptedModel
+from perk.config import METHODS
 from perk.engine import PerkModel
 from perk.report import Prediction
 from perk.segments import TokenBatch, answer_text, prompt_token_ids, rows_to_batch, text_ids
 from perk.tasks import answer_part, exact_match, f1
 
-METHODS = ("perk", "zeroshot", "ftic")
 
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -125,7 +125,7 @@ def answer_budget(tokenizer, problems: Sequence[dict], max_new_tokens: int) -> i
 PROMPT_SLACK = 8
 
 
-def check_fits_window(adapted: AdaptedModel, problem: dict, *, answer_tokens: int | None) -> None:
+def check_problem_fits(adapted: AdaptedModel, problem: dict, *, answer_tokens: int | None) -> None:
     """ValueError unless ``problem`` fits the model window in every method: its question prompt
     (with an empty context, as the prompt-based methods start, the longest) followed by its answer
     and eos (``answer_tokens`` None: a training problem), or by ``answer_tokens`` generated tokens

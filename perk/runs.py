@@ -2,7 +2,7 @@
 
 ``python -m perk.train`` writes everything of a run into ``<runs_dir>/<name>/``:
 
-* ``config.yaml`` — the resolved :class:`TrainConfig` (written atomically when the run starts;
+* ``config.yaml`` — the resolved :class:`~perk.config.TrainConfig` (written atomically when the run starts;
   ``--resume`` continues with it), after a comment line saying on how many processes it started;
 * ``metrics.jsonl`` — one JSON line per optimizer step (:class:`MetricsLog`), with the world size;
 * ``checkpoints/step-*/`` — atomic, verified checkpoints (:mod:`perk.checkpoint`);
@@ -30,15 +30,11 @@ import yaml
 from safetensors.torch import save
 
 from perk.checkpoint import read_safetensors, write_file_atomic
-from perk.cli import UsageError, build_config, config_to_dict, flatten
-from perk.config import PerkConfig
-from perk.config import _check_positive as check_positive
+from perk.cli import UsageError, config_from_mapping, config_to_dict
+from perk.config import THREADS_HELP, TrainConfig
 from perk.distributed import Launch, from_rank0
 from perk.engine import PerkModel, load_tensors, read_pretrained
-from perk.fields import field
-from perk.methods import METHODS
-from perk.models import DEFAULT_MODEL, load_base_model, resolve_base_dtype
-from perk.tasks import TASKS
+from perk.models import load_base_model, resolve_base_dtype
 
 RESOLVED_CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -46,118 +42,11 @@ PERK_DIR = "perk"
 FTIC_ADAPTER = "ftic_adapter.safetensors"
 LOCK = "lock"  # held (flock) by the perk.train writing the run; holds its pid
 PHASES = ("perk", "ftic")  # the optimisation phases of a run, in order
-THREADS_HELP = ("CPU threads per process (0: OMP_NUM_THREADS if set, else the physical cores this process may use, "
-                "divided among the torchrun processes on the machine)")
 
 
 # ----------------------------------------------------------------------------------------------
-# The run's config
+# The run directory
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataConfig:
-    task: str = field("babilong/qa1", f"task to train and evaluate on: {', '.join(TASKS)}")
-    context_tokens: int = field(256, "context length of every problem, in the base model's tokens")
-    train_problems: int = field(256, "training problems: generated, or the first ones of data.train_file")
-    eval_problems: int = field(
-        20, "held-out problems for the final evaluation: generated (another seed), the first ones of "
-        "data.eval_file, or the last ones of data.train_file"
-    )
-    order_markers: bool = field(True, "prefix bAbI facts with per-actor event counters ('Mary Event 3: ...')")
-    doc_index: bool = field(True, "prefix every document with its index ('doc_12: ...')")
-    seed: int = field(0, "seed of the training problems (held-out problems use seed + 1)")
-    train_file: str | None = field(
-        None, "train on this dataset file instead of generated problems: JSONL, a JSON array or object, or a "
-        "Student Records database with questions (the official PERK data as it comes)"
-    )
-    eval_file: str | None = field(
-        None, "evaluate on this dataset file (default: generated problems; with data.train_file, its last "
-        "data.eval_problems, held out from training)"
-    )
-    support_targets: bool = field(
-        False, "train on the official '<support>facts</support>\\n<output>answer</output>' targets (problems "
-        "with supporting facts) and score the output part"
-    )
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"data.task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("context_tokens", "train_problems", "eval_problems"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-
-    def check_files(self) -> None:
-        """The dataset files exist (UsageError otherwise). Checked where they are read (perk.train),
-        not when a run's config is loaded: a finished run is used without its training data."""
-        for name in ("train_file", "eval_file"):
-            if getattr(self, name) is not None and not Path(getattr(self, name)).is_file():
-                raise UsageError(f"data.{name}: no such file: {getattr(self, name)}")
-
-    def describe(self) -> str:
-        """What the problems are, for the results' header."""
-        if self.train_file is None:
-            return f"{self.task}, {self.context_tokens}-token contexts"
-        return f"problems of {self.train_file}"
-
-
-@dataclass
-class TrainConfig:
-    model: str = field(DEFAULT_MODEL, "base model: alias, local HF directory or .gguf file")
-    name: str = field("default", "run name: results go to <runs_dir>/<name>/")
-    runs_dir: str = field("runs", "folder of all runs")
-    device: str = field("auto", "cpu, cuda, or auto (cuda when available)")
-    threads: int = field(0, THREADS_HELP)
-    base_dtype: str = field("auto", "dtype of the frozen base model: float32, bfloat16, or auto (bf16 on cuda, and on a cpu whose bf16 matmuls measure fast)")
-    meta_steps: int = field(24, "optimizer steps of meta-training (and of FT-ICR training)")
-    meta_batch: int = field(2, "problems per meta-training step (one adapter each)")
-    meta_lr: float = field(3e-3, "Adam learning rate of the adapter init (and token weighting)")
-    inner_lr_meta_lr: float = field(0.01, "Adam learning rate of the log inner learning rates (u in lr0·exp(u))")
-    warmup_steps: int = field(4, "linear warm-up steps of the learning rate (then cosine decay to 10%)")
-    max_grad_norm: float = field(1.0, "clip the global norm of each step's gradient")
-    ftic_lr: float = field(1e-3, "Adam learning rate of the FT-ICR LoRA")
-    checkpoint_every: int = field(10, "write a checkpoint every this many steps")
-    keep_checkpoints: int = field(2, "how many of the newest checkpoints to keep")
-    methods: tuple[str, ...] = field(METHODS, "methods evaluated at the end: perk, zeroshot, ftic")
-    max_new_tokens: int = field(8, "greedy answer length limit at evaluation")
-    eval_batch: int = field(4, "contexts encoded together at evaluation")
-    data: DataConfig = field(DataConfig(), "problems")
-    # One unrolled step keeps a CPU meta-step near 11 s on SmolLM2-135M; clipping the inner
-    # gradients (norms are ~0.4-0.7 at the start) keeps learned inner rates from diverging.
-    perk: PerkConfig = field(PerkConfig(unroll_steps=1, inner_max_grad_norm=1.0), "the PERK engine")
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty list of {', '.join(METHODS)}, got {self.methods}")
-        if self.base_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"base_dtype must be auto, float32, bfloat16 or float16, got {self.base_dtype!r}")
-        check_run_name(self.name)
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: all physical cores), got {self.threads}")
-        for name in ("meta_steps", "meta_batch", "checkpoint_every", "keep_checkpoints", "max_new_tokens", "eval_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        # A negative clip norm would flip every gradient (ascent), a NaN rate poison the checkpoints.
-        for name in ("meta_lr", "inner_lr_meta_lr", "ftic_lr", "max_grad_norm"):
-            check_positive(name, getattr(self, name))
-
-
-RUN_NAME_PUNCTUATION = "._-+=@,"
-
-
-def check_run_name(name: str) -> None:
-    """A run name is one plain folder name: letters, digits and ``._-+=@,``, starting with a letter or
-    digit (so never ``.``, ``..``, a path, an absolute path, empty, or with a newline): the run
-    directory ``<runs_dir>/<name>`` then cannot be outside ``runs_dir``."""
-    plain = name[:1].isalnum() and all(c.isalnum() or c in RUN_NAME_PUNCTUATION for c in name)
-    if not plain or len(name) > 128 or not name.isprintable():
-        raise ValueError(
-            f"name must be one plain folder name (letters, digits and {RUN_NAME_PUNCTUATION}, starting with a "
-            f"letter or digit, at most 128 characters), got {name!r}"
-        )
 
 
 def run_directory(config: TrainConfig) -> Path:
@@ -218,15 +107,6 @@ def _take_lock(run_dir: Path):
             handle.flush()
             return handle, None
         handle.close()
-
-
-def gpu_defaults() -> TrainConfig:
-    """Defaults scaled for one GPU: longer contexts, bigger meta-batches, more steps."""
-    return TrainConfig(
-        meta_steps=300, meta_batch=8, checkpoint_every=50, eval_batch=16,
-        data=DataConfig(context_tokens=1024, train_problems=4096, eval_problems=200),
-        perk=PerkConfig(unroll_steps=2, inner_max_grad_norm=1.0, micro_batch_tokens=32768),
-    )
 
 
 def resolve_device(requested: str) -> str:
@@ -296,7 +176,7 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: not a run config (expected a mapping of keys to values)")
     try:
-        return build_config(TrainConfig, argparse.Namespace(**{f"cfg:{k}": v for k, v in flatten(data).items()}))
+        return config_from_mapping(TrainConfig, data)
     except UsageError as err:
         raise UsageError(f"{path}: {err}") from None
 

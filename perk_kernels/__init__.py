@@ -10,8 +10,15 @@ from perk_kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
-from perk_kernels.lora_inner_step import expand_group_table, lora_inner_step, lora_inner_step_reference
-from perk_kernels.lora_linear import LoraSegments, lora_linear, lora_linear_reference, lora_segments
+from perk_kernels.lora_inner_step import (
+    expand_group_table,
+    inner_step_clip,
+    inner_step_clip_jvp,
+    inner_step_direction,
+    lora_inner_step,
+    lora_inner_step_reference,
+)
+from perk_kernels.lora_linear import AdapterRows, lora_linear, lora_linear_reference, adapter_rows
 from perk_kernels.meta_grad_accumulate import cuda_extension_available, meta_grad_accumulate, meta_grad_accumulate_reference
 
 __all__ = [
@@ -20,12 +27,15 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
     "expand_group_table",
+    "inner_step_clip",
+    "inner_step_clip_jvp",
+    "inner_step_direction",
     "lora_inner_step",
     "lora_inner_step_reference",
-    "LoraSegments",
+    "AdapterRows",
     "lora_linear",
     "lora_linear_reference",
-    "lora_segments",
+    "adapter_rows",
     "cuda_extension_available",
     "meta_grad_accumulate",
     "meta_grad_accumulate_reference",

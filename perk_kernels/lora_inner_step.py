@@ -10,19 +10,23 @@ Semantics::
     out[a, j]       = params[a, j] − lr[a, k] · (c[a] · grads[a, j] + weight_decay · params[a, j])
                       for every column j of group k
 
-This is the engine's layout (:class:`perk.lora.AdapterLayout`): all adapter tensors of a batch
-live in one flat buffer, each LoRA module's A then B a group of columns, with one learned rate per
-(adapter, group).
+This is the engine's layout (:class:`perk.lora.AdapterLayout`) and its inner SGD rule
+(docs/design.md §2): all adapter tensors of a batch live in one flat buffer, each LoRA module's A
+then B a group of columns, with one learned rate per (adapter, group). The rule's pieces live here
+once, for the engine too: the clip factor and its derivative (:func:`inner_step_clip`,
+:func:`inner_step_clip_jvp`: what the meta-gradient walk back differentiates) and the direction
+c·g + λφ (:func:`inner_step_direction`).
 
 The Triton path indexes the flat buffers directly (row a starts at a·P, int64 offsets). One
 1-D grid of ``n_adapters × n_chunks`` programs is driven by a small cached table of chunks
 ``(group, start, end, slot)`` that never cross a group border (:func:`perk_kernels._utils.group_chunks`),
-built on the host once per ``group_offsets``. Per-(adapter, group) sums (the clipping norm, the lr
-gradient) are written to fixed slots and reduced in a fixed order: deterministic, no atomics.
+built on the host once per ``group_offsets``. The clipping norms' per-chunk sums are written to
+fixed slots and reduced in a fixed order: deterministic, no atomics.
 
-Launches: forward 1 Triton kernel (+1 norm kernel and a few tiny (n_adapters,)-sized torch ops
-when clipping); backward at most 2 Triton kernels. No host/device synchronisation: a float lr is
-checked on the host, a tensor lr is not read (its values are not checked for finiteness).
+Launches: 1 Triton kernel (+1 norm kernel and a few tiny (n_adapters,)-sized torch ops when
+clipping). The kernels serve steps without a graph; a differentiated step is the torch reference
+(twice differentiable, what the exact meta-gradient needs). No host/device synchronisation: a
+float lr is checked on the host, a tensor lr is not read (its values are not checked for finiteness).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from perk_kernels._flat_chunk import flat_chunk
 from perk_kernels._utils import (
@@ -46,9 +49,6 @@ from perk_kernels._utils import (
     group_chunks,
     memory_overlaps,
 )
-
-# Reference and kernels add this to the norm before dividing (no division by zero for zero grads).
-CLIP_EPS = 1e-6
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. Every kernel starts with the same launch arguments: the chunk table, the number
@@ -88,54 +88,6 @@ def _inner_step_kernel(
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
         # Computed in ACC (fp32 or fp64) and rounded once to the output's dtype.
         tl.store(out_ptr + offs, (p - lr * (clip * g + weight_decay * p)).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _step_dots_kernel(
-    chunks_ptr, n_chunks, P, G, slots, d_ptr, g_ptr, p_ptr, dg_partial_ptr, dp_partial_ptr,
-    NEED_DP: tl.constexpr, ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """dg_partial[adapter, slot] = ⟨d, g⟩ and dp_partial[adapter, slot] = ⟨d, p⟩ over one chunk (d = ∂L/∂out)."""
-    adapter, group, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
-    acc_g = tl.zeros((BLOCK,), dtype=ACC)
-    acc_p = tl.zeros((BLOCK,), dtype=ACC)
-    for s in range(start, end, BLOCK):
-        offs = base + s + tl.arange(0, BLOCK)
-        mask = s + tl.arange(0, BLOCK) < end
-        d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(ACC)
-        acc_g += d * tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if NEED_DP:
-            acc_p += d * tl.load(p_ptr + offs, mask=mask, other=0.0).to(ACC)
-    out = adapter * G * slots + slot
-    tl.store(dg_partial_ptr + out, tl.sum(acc_g, axis=0))
-    if NEED_DP:
-        tl.store(dp_partial_ptr + out, tl.sum(acc_p, axis=0))
-
-
-@triton.jit
-def _step_backward_kernel(
-    chunks_ptr, n_chunks, P, G, slots, d_ptr, g_ptr, dparam_ptr, dgrad_ptr, lr_ptr, clip_ptr, coef_ptr,
-    weight_decay,
-    NEED_DPARAM: tl.constexpr, NEED_DGRAD: tl.constexpr, CLIP: tl.constexpr,
-    ACC: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """dparam = d · (1 − lr·wd);  dgrad = −lr · clip · d + coef[a] · g  (coef: clipping's own term)."""
-    adapter, group, base, start, end, slot = flat_chunk(chunks_ptr, n_chunks, P, ALIGN)
-    # Outputs that are not needed get a valid dummy pointer; they are never written.
-    lr = tl.load(lr_ptr + adapter * G + group).to(ACC)
-    clip = tl.load(clip_ptr + adapter).to(ACC) if CLIP else 1.0
-    coef = tl.load(coef_ptr + adapter).to(ACC) if CLIP else 0.0
-    for s in range(start, end, BLOCK):
-        offs = base + s + tl.arange(0, BLOCK)
-        mask = s + tl.arange(0, BLOCK) < end
-        d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(ACC)
-        if NEED_DPARAM:
-            tl.store(dparam_ptr + offs, (d * (1.0 - lr * weight_decay)).to(dparam_ptr.dtype.element_ty), mask=mask)
-        if NEED_DGRAD:
-            dgrad = -lr * clip * d
-            if CLIP:
-                dgrad += coef * tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
-            tl.store(dgrad_ptr + offs, dgrad.to(dgrad_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,79 +133,66 @@ class _StepPlan:
             )  # fmt: skip
 
 
-def _clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    return (max_grad_norm / (sq_norms.sqrt() + CLIP_EPS)).clamp(max=1.0)
-
-
-def _step_forward(plan, params, grads, out, lr_table, weight_decay, max_grad_norm) -> torch.Tensor | None:
-    """Launch the step (``out`` may be ``params``); returns the squared norms when clipping."""
-    sq_norms = clip = None
+def _step_forward(plan, params, grads, out, lr_table, weight_decay, max_grad_norm) -> None:
+    """Launch the step (``out`` may be ``params``): the squared norms first when clipping."""
+    clip = None
     if max_grad_norm is not None:
         partial = plan.zeros_partial()
         plan.launch(_sq_norm_kernel, grads, partial)
-        sq_norms = plan.slot_sums(partial).sum(1)  # (n_adapters,)
-        clip = _clip_factors(sq_norms, max_grad_norm)
+        clip = _clip_factor(plan.slot_sums(partial).sum(1).sqrt(), max_grad_norm)  # (n_adapters,)
     plan.launch(
         _inner_step_kernel, params, grads, out, lr_table, clip if clip is not None else lr_table, weight_decay,
         CLIP=clip is not None,
     )  # fmt: skip
-    return sq_norms
 
 
-class _InnerStepFunction(torch.autograd.Function):
-    """Out-of-place step, differentiable w.r.t. params, grads and lr (first order, Triton backward)."""
+# ----------------------------------------------------------------------------------------------
+# The update rule and its derivative: the one home of both (the engine's inner loop and its
+# meta-gradient walk back use these; the reference and the kernels compute the same clip factor)
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, params, grads, lr_table, offsets, weight_decay, max_grad_norm):
-        plan = _StepPlan(offsets, [params, grads])
-        out = torch.empty_like(params, memory_format=torch.contiguous_format)
-        sq_norms = _step_forward(plan, params, grads, out, lr_table, weight_decay, max_grad_norm)
-        ctx.save_for_backward(params, grads, lr_table, sq_norms)
-        ctx.offsets, ctx.weight_decay, ctx.max_grad_norm = offsets, weight_decay, max_grad_norm
-        return out
+# Added to the norm before dividing: the clip factor stays finite for an all-zero gradient.
+CLIP_EPS = 1e-6
 
-    @staticmethod
-    @once_differentiable  # use backend="torch" where the step itself must be differentiated twice
-    def backward(ctx, dout):
-        params, grads, lr_table, sq_norms = ctx.saved_tensors
-        weight_decay, max_grad_norm = ctx.weight_decay, ctx.max_grad_norm
-        need_dparam, need_dgrad, need_lr = ctx.needs_input_grad[:3]
-        dout = dout.contiguous()
-        plan = _StepPlan(ctx.offsets, [params, grads, dout])
-        clipping = max_grad_norm is not None
-        clip = _clip_factors(sq_norms, max_grad_norm) if clipping else None
 
-        d_lr = coef = None
-        if need_lr or (need_dgrad and clipping):
-            # Per-(adapter, group) ⟨d, g⟩ (and ⟨d, p⟩ for the lr gradient with weight decay).
-            need_dp = need_lr and weight_decay != 0.0
-            dg_partial = plan.zeros_partial()
-            dp_partial = plan.zeros_partial() if need_dp else dg_partial
-            plan.launch(_step_dots_kernel, dout, grads, params, dg_partial, dp_partial, NEED_DP=need_dp)
-            dot_dg = plan.slot_sums(dg_partial)  # (n_adapters, G)
-            if need_lr:
-                d_lr = -(dot_dg * (clip[:, None] if clipping else 1.0))
-                if need_dp:
-                    d_lr = d_lr - weight_decay * plan.slot_sums(dp_partial)
-                d_lr = d_lr.to(lr_table.dtype)
-            if clipping:
-                # c = M / (‖g‖ + eps) where that is < 1: ∂L/∂g += S · M / ((‖g‖ + eps)² ‖g‖) · g,
-                # S = Σ_k lr[a, k] ⟨d, g⟩_k; zero where c was clamped to 1 (or the norm is zero).
-                norm = sq_norms.sqrt()
-                s = (lr_table.to(dot_dg.dtype) * dot_dg).sum(1)
-                active = (max_grad_norm / (norm + CLIP_EPS) < 1.0) & (norm > 0)
-                coef = torch.where(active, s * max_grad_norm / ((norm + CLIP_EPS) ** 2 * norm), 0.0)
+def _clip_factor(norm: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """c = min(1, M / (‖g‖ + CLIP_EPS)) from the norms; where c = 1 it carries no derivative."""
+    factor = max_grad_norm / (norm + CLIP_EPS)
+    return torch.where(factor < 1, factor, torch.ones_like(factor))
 
-        d_params = torch.empty_like(params) if need_dparam else None
-        d_grads = torch.empty_like(grads) if need_dgrad else None
-        if need_dparam or need_dgrad:
-            plan.launch(
-                _step_backward_kernel,
-                dout, grads, d_params if need_dparam else dout, d_grads if need_dgrad else dout,
-                lr_table, clip if clipping else lr_table, coef if coef is not None else lr_table, weight_decay,
-                NEED_DPARAM=need_dparam, NEED_DGRAD=need_dgrad, CLIP=clipping,
-            )  # fmt: skip
-        return d_params, d_grads, d_lr, None, None, None
+
+def inner_step_clip(grads: torch.Tensor, max_grad_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, k), each (n_adapters, 1), of the clipped direction D(g) = c(g)·g:
+
+    * c = min(1, M / (‖g‖ + 1e-6)) per adapter (its gradient row's global norm, taken in at least
+      fp32), with its graph when ``grads`` has one;
+    * k = c / ((‖g‖ + 1e-6)·‖g‖) where it clips, 0 elsewhere (detached): the coefficient of the
+      derivative ∂D/∂g = c·I − k·g gᵀ (:func:`inner_step_clip_jvp`).
+
+    Where it does not clip (c = 1, an all-zero gradient included) nothing flows through c, so
+    the derivatives stay finite at ‖g‖ = 0."""
+    norm = grads.to(torch.promote_types(grads.dtype, torch.float32)).norm(dim=1, keepdim=True)
+    clip = _clip_factor(norm, max_grad_norm)
+    norm = norm.detach()
+    coef = torch.where(clip < 1, clip.detach() / ((norm + CLIP_EPS) * norm.clamp_min(CLIP_EPS)), 0.0)
+    return clip, coef
+
+
+def inner_step_clip_jvp(grads: torch.Tensor, clip: torch.Tensor, coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(∂D/∂g) w = c·w − k·⟨g, w⟩·g per adapter for D(g) = c(g)·g, with (c, k) of
+    :func:`inner_step_clip` at ``grads``; ∂D/∂g is symmetric, so this is also its transpose's
+    product (what the meta-gradient walk back needs). All (n_adapters, P) but c, k (n_adapters, 1)."""
+    return clip * w - coef * (grads * w).sum(1, keepdim=True) * grads
+
+
+def inner_step_direction(params: torch.Tensor, grads: torch.Tensor, *, weight_decay: float = 0.0,
+                         clip: torch.Tensor | None = None) -> torch.Tensor:
+    """d = c·g + weight_decay·φ, the step's direction before the rates (:func:`lora_inner_step`
+    takes φ − lr ⊙ d); ``clip``: the (n_adapters, 1) factors c of :func:`inner_step_clip`, None for 1."""
+    direction = grads if clip is None else grads * clip.to(grads.dtype)
+    if weight_decay:
+        direction = direction + weight_decay * params
+    return direction
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,23 +272,12 @@ def lora_inner_step_reference(
         lr_full = lr_full.to(params.dtype)
     else:
         lr_full = params.new_full((), float(lr))  # a fill, not a host-to-device copy
-    g_eff = grads
-    if max_grad_norm is not None:
-        # Norms in at least fp32 (bf16 squares would overflow / lose precision), fp64 for fp64.
-        norm_dtype = torch.promote_types(params.dtype, torch.float32)
-        sq = grads.to(norm_dtype).pow(2).sum(1)  # (n_adapters,)
-        # √ at 0 has an infinite derivative (0·∞ = NaN through the clamp): take it only where the
-        # norm is positive. A zero gradient is not clipped (c = 1), as in the kernels' backward.
-        positive = sq > 0
-        norm = torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
-        clip = (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
-        g_eff = grads * clip.unsqueeze(1).to(grads.dtype)
-    if weight_decay:
-        g_eff = g_eff + weight_decay * params
+    clip = None if max_grad_norm is None else inner_step_clip(grads, max_grad_norm)[0]
+    direction = inner_step_direction(params, grads, weight_decay=weight_decay, clip=clip)
     if inplace:
         with torch.no_grad():
-            return params.addcmul_(lr_full, g_eff, value=-1)
-    return torch.addcmul(params, lr_full, g_eff, value=-1)
+            return params.addcmul_(lr_full, direction, value=-1)
+    return torch.addcmul(params, lr_full, direction, value=-1)
 
 
 def lora_inner_step(
@@ -377,25 +305,32 @@ def lora_inner_step(
             c = min(1, max_grad_norm / (‖g_adapter‖ + 1e-6)).
         inplace: update ``params`` in place and return it (not differentiable: truncated steps).
             ``params`` must then be contiguous and must not share memory with ``grads`` (else a
-            ValueError). Otherwise return a new tensor, differentiable w.r.t. params, grads and lr
-            (unrolled steps; the Triton backward is once-differentiable, the "torch" one twice).
-        backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`).
+            ValueError). Otherwise return a new tensor, differentiable w.r.t. params, grads and lr.
+        backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`) for a step without
+            a graph. A step that builds one (out of place, grad mode on, an input requiring grad:
+            the exact meta-gradient's unrolled steps) is the torch reference on every backend,
+            twice differentiable; the Triton kernels have no backward.
 
     The Triton path makes a constant number of launches whatever the number of groups.
     """
     offsets = _check_inputs(params, grads, lr, group_offsets, weight_decay, max_grad_norm, inplace)
     max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
     weight_decay = float(weight_decay)
-    if choose_backend(backend, params.device) == "torch":
+    differentiated = not inplace and torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (params, grads, lr)
+    )
+    if differentiated or choose_backend(backend, params.device) == "torch":
         return lora_inner_step_reference(
             params, grads, lr, offsets, weight_decay=weight_decay, max_grad_norm=max_grad_norm, inplace=inplace
         )
     acc_dtype = torch.promote_types(params.dtype, torch.float32)
     lr_table = _lr_table(lr, params.shape[0], len(offsets) - 1, params).to(acc_dtype).contiguous()
     grads = grads.contiguous()
+    if not inplace:
+        params = params.contiguous()
+    out = params if inplace else torch.empty_like(params, memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        _step_forward(_StepPlan(offsets, [params, grads]), params, grads, out, lr_table, weight_decay, max_grad_norm)
     if inplace:
-        with torch.no_grad():
-            _step_forward(_StepPlan(offsets, [params, grads]), params, grads, params, lr_table, weight_decay, max_grad_norm)
         torch.autograd.graph.increment_version(params)  # the kernel wrote params: invalidate saved copies
-        return params
-    return _InnerStepFunction.apply(params.contiguous(), grads, lr_table, offsets, weight_decay, max_grad_norm)
+    return out

@@ -16,11 +16,11 @@ adapters loop over them with row masks):
 * ``_lora_shrink_kernel``          h = scale · x M[a]ᵀ         (rows, r): x→h, and dy→dh with M = Bᵀ
 * ``_lora_gemm_expand_kernel``     y = x Wᵀ + b + scale · h E[a]ᵀ: the base GEMM with the LoRA
   expand fused into its epilogue (forward with E = B; dx = dy W + dh A with W → Wᵀ, E = Aᵀ)
-* ``_lora_segment_outer_kernel``   G[a] = scale · Σ_{rows of a} leftᵀ right: dA = dhᵀ x, dB = s·dyᵀ h,
+* ``_lora_adapter_outer_kernel``   G[a] = scale · Σ_{rows of a} leftᵀ right: dA = dhᵀ x, dB = s·dyᵀ h,
   each adapter's rows split over several programs (partial sums, added in a fixed order).
 
-Segment metadata (the permutation, per-adapter offsets) is built once per batch by
-:func:`lora_segments` and reused by every layer of a forward pass.
+The rows of each adapter (the permutation, per-adapter offsets: :class:`AdapterRows`) are found
+once per batch by :func:`adapter_rows` and reused by every layer of a forward pass.
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def _lora_gemm_expand_kernel(
 
 
 @triton.jit(do_not_specialize=["n_splits"])
-def _lora_segment_outer_kernel(
+def _lora_adapter_outer_kernel(
     left_ptr, right_ptr, out_ptr, row_order_ptr, starts_ptr,
     P, Q, scale, n_splits,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_oa, stride_op, stride_oq,
@@ -303,26 +303,26 @@ def _lora_segment_outer_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Segment metadata
+# The rows of each adapter
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, eq=False)
-class LoraSegments:
+class AdapterRows:
     """Rows grouped by adapter, computed once per batch and shared by every LoRA layer.
 
     Attributes:
-        adapter_ids: (rows,) int64, each row's adapter in the original row order.
+        row_adapters: (rows,) int64, each row's adapter in the original row order.
         n_adapters: number of adapters the ids index (``lora_a.shape[0]`` of the layers).
         row_order: (rows,) int64, the original row of each sorted position (stable sort by adapter).
         sorted_ids: (rows,) int64, the adapter of each sorted position (non-decreasing).
         starts: (n_adapters + 1,) int64, adapter ``a`` owns sorted positions ``starts[a]:starts[a+1]``.
-        max_rows_per_adapter: host int, the largest segment (sizes the backward's row splits).
+        max_rows_per_adapter: host int, the most rows of one adapter (sizes the backward's row splits).
         host_counts: host ints, rows per adapter (lets the torch path slice without a sync).
         rows_sorted: host bool, the rows are already grouped by adapter (``row_order`` is the identity).
     """
 
-    adapter_ids: torch.Tensor
+    row_adapters: torch.Tensor
     n_adapters: int
     row_order: torch.Tensor
     sorted_ids: torch.Tensor
@@ -333,7 +333,7 @@ class LoraSegments:
 
     @property
     def n_rows(self) -> int:
-        return self.adapter_ids.numel()
+        return self.row_adapters.numel()
 
     @property
     def counts(self) -> torch.Tensor:
@@ -341,46 +341,46 @@ class LoraSegments:
         return self.starts[1:] - self.starts[:-1]
 
 
-def lora_segments(adapter_ids: torch.Tensor, n_adapters: int) -> LoraSegments:
+def adapter_rows(row_adapters: torch.Tensor, n_adapters: int) -> AdapterRows:
     """Group rows by adapter once, for reuse by every :func:`lora_linear` call of a forward pass.
 
     Args:
-        adapter_ids: integer tensor of any shape (usually ``x.shape[:-1]``), each row's adapter.
+        row_adapters: integer tensor of any shape (usually ``x.shape[:-1]``), each row's adapter.
         n_adapters: the number of adapters; every id must lie in ``[0, n_adapters)``.
 
     Validating the ids costs one device→host sync here, and none in the layers that reuse the result.
     """
-    check_tensor("adapter_ids", adapter_ids)
-    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-        raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    check_tensor("row_adapters", row_adapters)
+    if row_adapters.dtype.is_floating_point or row_adapters.dtype.is_complex or row_adapters.dtype == torch.bool:
+        raise TypeError(f"row_adapters must be an integer tensor, got {row_adapters.dtype}")
     if isinstance(n_adapters, bool) or not isinstance(n_adapters, int) or n_adapters < 1:
         raise ValueError(f"n_adapters must be a positive int, got {n_adapters!r}")
-    ids = adapter_ids.reshape(-1).to(torch.int64)
+    ids = row_adapters.reshape(-1).to(torch.int64)
     if ids.numel() == 0:
         zeros = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
-        return LoraSegments(ids, n_adapters, ids.clone(), ids.clone(), zeros, 0, (0,) * n_adapters, True)
+        return AdapterRows(ids, n_adapters, ids.clone(), ids.clone(), zeros, 0, (0,) * n_adapters, True)
     low, high = torch.stack([ids.min(), ids.max()]).tolist()
     if low < 0 or high >= n_adapters:
-        raise ValueError(f"adapter_ids must lie in [0, {n_adapters}) (n_adapters), got ids in [{low}, {high}]")
+        raise ValueError(f"row_adapters must lie in [0, {n_adapters}) (n_adapters), got ids in [{low}, {high}]")
     counts = torch.bincount(ids, minlength=n_adapters)
     starts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=ids.device)
     starts[1:] = torch.cumsum(counts, 0)
     row_order = torch.argsort(ids, stable=True)
     host_counts = tuple(counts.tolist())
     rows_sorted = bool((ids[1:] >= ids[:-1]).all())
-    return LoraSegments(
+    return AdapterRows(
         ids, n_adapters, row_order, ids[row_order], starts, max(host_counts), host_counts, rows_sorted
     )
 
 
-def _single_adapter_segments(n_rows: int, n_adapters: int, device: torch.device) -> LoraSegments:
-    """Every row uses adapter 0 (``adapter_ids=None``): no sort and no sync needed."""
+def _single_adapter_rows(n_rows: int, n_adapters: int, device: torch.device) -> AdapterRows:
+    """Every row uses adapter 0 (``row_adapters=None``): no sort and no sync needed."""
     row_order = torch.arange(n_rows, dtype=torch.int64, device=device)
     starts = torch.full((n_adapters + 1,), n_rows, dtype=torch.int64, device=device)
     starts[0] = 0
     zeros = torch.zeros(n_rows, dtype=torch.int64, device=device)
     host_counts = (n_rows,) + (0,) * (n_adapters - 1)
-    return LoraSegments(zeros, n_adapters, row_order, zeros, starts, n_rows, host_counts, True)
+    return AdapterRows(zeros, n_adapters, row_order, zeros, starts, n_rows, host_counts, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ def _block_r(r: int) -> int:
     return max(16, min(next_power_of_2(r), 32 if interpret_mode() else 64))
 
 
-def lora_shrink(x: torch.Tensor, mat: torch.Tensor, segments: LoraSegments, scale: float = 1.0) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, mat: torch.Tensor, by_adapter: AdapterRows, scale: float = 1.0) -> torch.Tensor:
     """h[i] = scale · x[row_order[i]] @ mat[a_i]ᵀ, (rows, r) in sorted order and x's dtype.
 
     ``x`` is (rows, K), ``mat`` is (n_adapters, r, K) (any strides: pass ``lora_b.transpose(1, 2)``
@@ -410,7 +410,7 @@ def lora_shrink(x: torch.Tensor, mat: torch.Tensor, segments: LoraSegments, scal
     block_r = _block_r(r)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(r, block_r))  # noqa: E731
     _lora_shrink_kernel[grid](
-        x, mat, h, segments.row_order, segments.sorted_ids,
+        x, mat, h, by_adapter.row_order, by_adapter.sorted_ids,
         rows, k, r, scale,
         x.stride(0), x.stride(1), mat.stride(0), mat.stride(1), mat.stride(2), h.stride(0), h.stride(1),
         ACC=_acc_dtype(x.dtype), DOT_PRECISION=dot_input_precision(x.dtype), BLOCK_R=block_r,
@@ -425,7 +425,7 @@ def lora_gemm_expand(
     h: torch.Tensor | None,
     expand: torch.Tensor | None,
     scale: float,
-    segments: LoraSegments,
+    by_adapter: AdapterRows,
 ) -> torch.Tensor:
     """y = x weightᵀ + bias + scale · h[sorted] expand[a]ᵀ, (rows, N) in x's order and dtype.
 
@@ -441,7 +441,7 @@ def lora_gemm_expand(
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _lora_gemm_expand_kernel[grid](
         x, weight, bias if bias is not None else x, h_args[0], h_args[1], y,
-        segments.row_order, segments.sorted_ids,
+        by_adapter.row_order, by_adapter.sorted_ids,
         rows, n, k, r, scale,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         h.stride(0) if has_lora else 0, h.stride(1) if has_lora else 0,
@@ -454,10 +454,10 @@ def lora_gemm_expand(
     return y
 
 
-def lora_segment_outer(
+def lora_adapter_outer(
     left: torch.Tensor,
     right: torch.Tensor,
-    segments: LoraSegments,
+    by_adapter: AdapterRows,
     scale: float = 1.0,
     *,
     left_sorted: bool,
@@ -472,7 +472,7 @@ def lora_segment_outer(
     their partial sums are added in a fixed order, so the result is deterministic.
     """
     p, q = left.shape[1], right.shape[1]
-    n_adapters = segments.n_adapters
+    n_adapters = by_adapter.n_adapters
     acc_dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
     swap = q > p
     if swap:
@@ -486,13 +486,13 @@ def lora_segment_outer(
     tiles = triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
     if n_splits is None:
         wanted = triton.cdiv(target_programs(left.device), n_adapters * tiles)
-        n_splits = max(1, min(wanted, triton.cdiv(segments.max_rows_per_adapter, 4 * block_m)))
+        n_splits = max(1, min(wanted, triton.cdiv(by_adapter.max_rows_per_adapter, 4 * block_m)))
     shape = (n_splits, n_adapters, q, p) if swap else (n_splits, n_adapters, p, q)  # the caller's P, Q
     partial = torch.empty(shape, dtype=acc_dtype, device=left.device)
     out = partial.transpose(2, 3) if swap else partial  # indexed by the kernel's p, q
     grid = (n_adapters * n_splits, triton.cdiv(p, block_p), triton.cdiv(q, block_q))
-    _lora_segment_outer_kernel[grid](
-        left, right, partial, segments.row_order, segments.starts,
+    _lora_adapter_outer_kernel[grid](
+        left, right, partial, by_adapter.row_order, by_adapter.starts,
         p, q, scale, n_splits,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
@@ -513,30 +513,30 @@ class _LoraLinearFunction(torch.autograd.Function):
     """Triton forward and first-order backward (dx, dA, dB; the base weight and bias are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, segments):
-        h = lora_shrink(x, lora_a, segments)  # (rows, r), sorted order
-        y = lora_gemm_expand(x, weight, bias, h, lora_b, scale, segments)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, by_adapter):
+        h = lora_shrink(x, lora_a, by_adapter)  # (rows, r), sorted order
+        y = lora_gemm_expand(x, weight, bias, h, lora_b, scale, by_adapter)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.scale = scale
-        ctx.segments = segments
+        ctx.by_adapter = by_adapter
         return y
 
     @staticmethod
     @once_differentiable  # Triton kernels have no double backward: use backend="torch" for that.
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, h = ctx.saved_tensors
-        segments, scale = ctx.segments, ctx.scale
+        by_adapter, scale = ctx.by_adapter, ctx.scale
         need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         dx = d_a = d_b = None
         if need_dx or need_da:
-            dh = lora_shrink(dy, lora_b.transpose(1, 2), segments, scale)  # (rows, r) = s·dy B, sorted
+            dh = lora_shrink(dy, lora_b.transpose(1, 2), by_adapter, scale)  # (rows, r) = s·dy B, sorted
         if need_dx:
             # dx = dy W + dh A: the same fused GEMM with W → Wᵀ and E = Aᵀ.
-            dx = lora_gemm_expand(dy, weight.t(), None, dh, lora_a.transpose(1, 2), 1.0, segments)
+            dx = lora_gemm_expand(dy, weight.t(), None, dh, lora_a.transpose(1, 2), 1.0, by_adapter)
         if need_da:
-            d_a = lora_segment_outer(dh, x, segments, left_sorted=True, right_sorted=False).to(lora_a.dtype)
+            d_a = lora_adapter_outer(dh, x, by_adapter, left_sorted=True, right_sorted=False).to(lora_a.dtype)
         if need_db:
-            d_b = lora_segment_outer(dy, h, segments, scale, left_sorted=False, right_sorted=True)
+            d_b = lora_adapter_outer(dy, h, by_adapter, scale, left_sorted=False, right_sorted=True)
             d_b = d_b.to(lora_b.dtype)
         return dx, None, None, d_a, d_b, None, None
 
@@ -546,8 +546,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids) -> LoraSegments | None:
-    """Validate the arguments of :func:`lora_linear`; returns the segments (None for the single-adapter case)."""
+def _check_inputs(x, weight, bias, lora_a, lora_b, scale, row_adapters) -> AdapterRows | None:
+    """Validate the arguments of :func:`lora_linear`; returns the rows of each adapter (None for the single-adapter case)."""
     check_tensor("x", x)
     check_float("x", x)
     if x.dim() < 1:
@@ -579,27 +579,27 @@ def _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids) -> LoraSe
             f"lora_b must be (n_adapters, d_out, r) = {(n_adapters, d_out, r)}, got shape {tuple(lora_b.shape)}"
         )
     check_finite_scalar("scale", scale)
-    if adapter_ids is None:
+    if row_adapters is None:
         return None
     n_rows = x.shape[:-1].numel()
-    if isinstance(adapter_ids, LoraSegments):
-        segments = adapter_ids
-        if segments.n_adapters != n_adapters:
+    if isinstance(row_adapters, AdapterRows):
+        by_adapter = row_adapters
+        if by_adapter.n_adapters != n_adapters:
             raise ValueError(
-                f"adapter_ids segments were built for {segments.n_adapters} adapters, lora_a has {n_adapters}"
+                f"row_adapters' AdapterRows were built for {by_adapter.n_adapters} adapters, lora_a has {n_adapters}"
             )
     else:
-        check_tensor("adapter_ids", adapter_ids)
-        if adapter_ids.shape not in (x.shape[:-1], torch.Size([n_rows])):
+        check_tensor("row_adapters", row_adapters)
+        if row_adapters.shape not in (x.shape[:-1], torch.Size([n_rows])):
             raise ValueError(
-                f"adapter_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])} or ({n_rows},), "
-                f"got {tuple(adapter_ids.shape)}"
+                f"row_adapters must have shape x.shape[:-1]={tuple(x.shape[:-1])} or ({n_rows},), "
+                f"got {tuple(row_adapters.shape)}"
             )
-        segments = lora_segments(adapter_ids, n_adapters)
-    if segments.n_rows != n_rows:
-        raise ValueError(f"adapter_ids has {segments.n_rows} rows, x has {n_rows}")
-    check_same_device(x=x, adapter_ids=segments.adapter_ids)
-    return segments
+        by_adapter = adapter_rows(row_adapters, n_adapters)
+    if by_adapter.n_rows != n_rows:
+        raise ValueError(f"row_adapters has {by_adapter.n_rows} rows, x has {n_rows}")
+    check_same_device(x=x, row_adapters=by_adapter.row_adapters)
+    return by_adapter
 
 
 def _add_adapter_term(
@@ -624,7 +624,7 @@ def lora_linear_reference(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
-    adapter_ids: torch.Tensor | LoraSegments | None = None,
+    row_adapters: torch.Tensor | AdapterRows | None = None,
 ) -> torch.Tensor:
     """Plain-torch oracle of :func:`lora_linear` (same signature; autograd does the backward).
 
@@ -640,20 +640,20 @@ def lora_linear_reference(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (rows, d_in)
     y = torch.nn.functional.linear(x2, weight, bias)  # (rows, d_out)
-    if adapter_ids is None:
+    if row_adapters is None:
         return _add_adapter_term(y, x2, lora_a[0], lora_b[0], scale).reshape(*lead, weight.shape[0])
-    segments = adapter_ids if isinstance(adapter_ids, LoraSegments) else lora_segments(adapter_ids, lora_a.shape[0])
+    by_adapter = row_adapters if isinstance(row_adapters, AdapterRows) else adapter_rows(row_adapters, lora_a.shape[0])
     # Rows grouped by adapter (a gather only when they are not already), one shrink and one
     # expand-add per adapter on its contiguous block, then back to the original row order.
-    x_sorted, y_sorted = (x2, y) if segments.rows_sorted else (x2[segments.row_order], y[segments.row_order])
-    counts = list(segments.host_counts)
+    x_sorted, y_sorted = (x2, y) if by_adapter.rows_sorted else (x2[by_adapter.row_order], y[by_adapter.row_order])
+    counts = list(by_adapter.host_counts)
     blocks = [
         _add_adapter_term(y_a, x_a, lora_a[a], lora_b[a], scale)  # (rows_a, d_out)
         for a, (x_a, y_a) in enumerate(zip(x_sorted.split(counts), y_sorted.split(counts)))
     ]
     y = torch.cat(blocks)
-    if not segments.rows_sorted:
-        y = torch.empty_like(y).index_copy(0, segments.row_order, y)
+    if not by_adapter.rows_sorted:
+        y = torch.empty_like(y).index_copy(0, by_adapter.row_order, y)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -664,7 +664,7 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
-    adapter_ids: torch.Tensor | LoraSegments | None = None,
+    row_adapters: torch.Tensor | AdapterRows | None = None,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -678,23 +678,23 @@ def lora_linear(
             x's dtype with fp32 accumulation).
         lora_b: (n_adapters, d_out, r) adapter up-projections.
         scale: LoRA scaling (alpha / r), a finite float.
-        adapter_ids: int tensor of shape x.shape[:-1] (or (rows,)) with each row's adapter, in any
-            order; or the :class:`LoraSegments` of :func:`lora_segments` (built once, reused by every
+        row_adapters: int tensor of shape x.shape[:-1] (or (rows,)) with each row's adapter, in any
+            order; or the :class:`AdapterRows` of :func:`adapter_rows` (built once, reused by every
             layer); None: every row uses adapter 0.
         backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`).
 
     Differentiable w.r.t. x, lora_a and lora_b. The Triton backward is once-differentiable
     (double backward raises); the "torch" backend is twice differentiable.
     """
-    segments = _check_inputs(x, weight, bias, lora_a, lora_b, scale, adapter_ids)
+    by_adapter = _check_inputs(x, weight, bias, lora_a, lora_b, scale, row_adapters)
     scale = float(scale)
     d_in = x.shape[-1]
     rows = x.shape[:-1].numel()
     if choose_backend(backend, x.device) == "torch" or rows == 0:
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, segments)
-    if segments is None:
-        segments = _single_adapter_segments(rows, lora_a.shape[0], x.device)
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, by_adapter)
+    if by_adapter is None:
+        by_adapter = _single_adapter_rows(rows, lora_a.shape[0], x.device)
     x2 = x.reshape(rows, d_in)
     bias = None if bias is None else bias.detach()
-    y = _LoraLinearFunction.apply(x2, weight.detach(), bias, lora_a, lora_b, scale, segments)
+    y = _LoraLinearFunction.apply(x2, weight.detach(), bias, lora_a, lora_b, scale, by_adapter)
     return y.reshape(*x.shape[:-1], weight.shape[0])

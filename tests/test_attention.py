@@ -6,7 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from perk.adapted_model import AdaptedModel
-from perk.attention import SEGMENT_ATTENTION, segment_attention
+from perk.attention import SEGMENT_ATTENTION, segment_attention, supports_segment_attention
 from perk.config import LLAMA_TARGETS
 from tests.tiny_models import FAMILIES, tiny_model_and_tokenizer
 
@@ -116,7 +116,7 @@ def test_segment_passes_of_an_sdpa_model_use_it_and_equal_sdpa(family):
         hidden = adapted.hidden(ids)
     torch.testing.assert_close(hidden, expected, atol=1e-10, rtol=1e-10)
     # The models transformers can switch run it; the implementation is restored after the pass.
-    assert seen == [SEGMENT_ATTENTION if adapted._segment_attention_supported else "sdpa"]
+    assert seen == [SEGMENT_ATTENTION if supports_segment_attention(model) else "sdpa"]
     assert model.config._attn_implementation == "sdpa"
     if family != "gpt2":
-        assert adapted._segment_attention_supported
+        assert supports_segment_attention(model)

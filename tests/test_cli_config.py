@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, field, positive_int
+from perk.cli import ArgumentParser, UsageError, add_config_arguments, build_config, positive_int, set_keys
+from perk.config import field
 
 
 @dataclass
@@ -104,7 +105,8 @@ def test_a_hyphenated_flag_names_its_underscore_spelling(argv, message):
 
 def test_flags_spelled_as_declared_parse_and_other_unknown_flags_are_plain_errors():
     args = _parser().parse_args(["--max_new_tokens", "3", "--dry-run", "--inner.rank", "2"])
-    assert args.max_new_tokens == 3 and args.dry_run and vars(args)["cfg:inner.rank"] == "2"
+    assert args.max_new_tokens == 3 and args.dry_run and set_keys(args) == {"inner.rank"}
+    assert build_config(Outer, args).inner.rank == 2
     with pytest.raises(UsageError, match="unrecognized arguments: --no-such-flag"):
         _parser().parse_args(["--no-such-flag"])
     with pytest.raises(UsageError, match="--max_new_tokens: must be a positive integer, got 0"):

@@ -100,7 +100,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         results["mean"] = all_reduce_mean(2.0 if rank == 0 else 6.0, grads, {"x": 1.0 + rank, "tok_s": 10.0},
                                           weight, Launch(rank=rank, world_size=world_size, backend="gloo"))
         for token_weighting in (False, True):
-            memory = encoder(token_weighting).encode(CONTEXTS, group=dist.group.WORLD)
+            memory = encoder(token_weighting).encode(CONTEXTS, process_group=dist.group.WORLD)
             results[token_weighting] = (memory.flat, memory.inner_losses, memory.stats.context_tokens)
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

@@ -20,6 +20,7 @@ from perk import PerkConfig, PerkModel
 from perk import encode as perk_encode
 from perk import eval as perk_eval
 from perk import train as perk_train
+from perk.config import TrainConfig
 from perk.distributed import SINGLE_PROCESS
 from perk.runs import (
     FTIC_ADAPTER,
@@ -28,7 +29,6 @@ from perk.runs import (
     PERK_DIR,
     RESOLVED_CONFIG,
     MetricsLog,
-    TrainConfig,
     run_lock,
     save_resolved_config,
 )
@@ -36,7 +36,7 @@ from perk.checkpoint import save_checkpoint
 from perk.cli import UsageError, run_main
 from perk.engine import CONFIG_NAME, WEIGHTS_NAME
 from perk.tasks import generate, write_jsonl
-from perk.train import all_tensors
+from perk.trainer import Phase, all_tensors, run_phase
 from tests.test_train_cli import tiny_args, tiny_model_dir  # noqa: F401  (a fixture)
 from tests.tiny_models import tiny_model_and_tokenizer, tiny_tokenizer
 
@@ -175,12 +175,11 @@ def test_resume_refuses_checkpoints_of_another_model(run, capsys, other):
 
 def test_a_non_finite_step_stops_before_updating_or_checkpointing(tmp_path):
     weight = torch.ones(3, requires_grad=True)
-    phase = perk_train.Phase("perk", {"w": weight}, {"w": 0.1},
-                             lambda batch: (math.nan, {"w": torch.full((3,), math.nan)}, {}))
+    phase = Phase("perk", {"w": weight}, {"w": 0.1}, lambda batch: (math.nan, {"w": torch.full((3,), math.nan)}, {}))
     config = TrainConfig(meta_steps=2, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match="perk step 0: non-finite loss"):
-        perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
-                             metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
+        run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
+                  metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
     assert torch.equal(weight.detach(), torch.ones(3)) and not (tmp_path / "checkpoints").exists()
 
 
@@ -430,18 +429,18 @@ def test_a_collapsed_inner_loop_stops_the_run(tmp_path):
     pm = PerkModel.from_base(model, tokenizer, PerkConfig(rank=2))
     assert perk_train.perk_phase(pm, TrainConfig()).uniform_loss == pytest.approx(math.log(259))
     weight = torch.ones(3, requires_grad=True)
-    phase = perk_train.Phase("perk", {"w": weight}, {"w": 0.1}, lambda batch: (math.log(259) + 1e-6, {"w": torch.zeros(3)}, {}),
+    phase = Phase("perk", {"w": weight}, {"w": 0.1}, lambda batch: (math.log(259) + 1e-6, {"w": torch.zeros(3)}, {}),
                              uniform_loss=math.log(259))
     config = TrainConfig(meta_steps=2, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match=r"perk step 0: the inner loop collapsed.*259-token vocabulary.*"
                                                  r"lower perk.inner_lr or perk.inner_weight_decay"):
-        perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
-                             metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
+        run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path,
+                  metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
     assert not (tmp_path / "checkpoints").exists()
     # A zero gradient away from the uniform level, or the uniform level with a gradient, trains on.
     for loss, grad in ((1.0, torch.zeros(3)), (math.log(259), torch.ones(3))):
         phase.loss_and_grads = lambda batch, loss=loss, grad=grad: (loss, {"w": grad}, {})
-        perk_train.run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path / str(loss),
+        run_phase(phase, config=config, problems=[{}] * 4, run_dir=tmp_path / str(loss),
                              metrics=MetricsLog(tmp_path / METRICS), checkpoint_tensors=lambda: {"w": weight})
 
 

@@ -4,8 +4,8 @@
   share lives in library modules (:mod:`perk.runs`, :mod:`perk.methods`, ...) or in
   :mod:`perk.cli`, the argument-parsing helpers.
 * A library module imports no command-line module.
-* :mod:`perk.config` and :mod:`perk.fields` import nothing of the command-line layer, not even
-  :mod:`perk.cli`.
+* :mod:`perk.config`, the one home of the configs, imports nothing of the command-line layer,
+  not even :mod:`perk.cli`.
 * No class is longer than a newcomer can hold in mind (``MAX_CLASS_LINES``): the engine is split
   into the adapted model, the inner loop, the meta-gradient modes and PERK's own meta-parameters.
 * The packages keep their boundaries (docs/design.md §6): ``perk_kernels`` imports nothing of
@@ -70,9 +70,8 @@ def test_library_modules_import_no_command_line_module(name):
     assert not perk_imports(MODULES[name]) & CLI_MODULES
 
 
-@pytest.mark.parametrize("name", ["perk.config", "perk.fields"])
-def test_configs_import_nothing_of_the_command_line_layer(name):
-    assert not perk_imports(MODULES[name]) & CLI_LAYER
+def test_the_configs_import_nothing_of_the_command_line_layer():
+    assert not perk_imports(MODULES["perk.config"]) & CLI_LAYER
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -81,10 +81,10 @@ def test_one_adapter_per_sequence(family):
     model, context, layout = injected(family)
     flat = random_adapters(layout, 3, seed=1)
     ids = torch.randint(3, 200, (4, 7))
-    sequence_adapters = torch.tensor([2, 0, 2, 1])
-    with context.active(layout.module_views(flat), sequence_adapters):
+    row_adapters = torch.tensor([2, 0, 2, 1])
+    with context.active(layout.module_views(flat), row_adapters):
         batched = model(ids).logits
-    for row, adapter in enumerate(sequence_adapters.tolist()):
+    for row, adapter in enumerate(row_adapters.tolist()):
         with context.active(layout.module_views(flat[adapter : adapter + 1])):
             single = model(ids[row : row + 1]).logits
         torch.testing.assert_close(batched[row : row + 1], single, rtol=1e-5, atol=1e-6)

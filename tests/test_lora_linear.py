@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from perk_kernels import lora_linear, lora_linear_reference
 from perk_kernels.lora_linear import (
-    LoraSegments,
+    AdapterRows,
     _LoraLinearFunction,
-    lora_segment_outer,
-    lora_segments,
+    lora_adapter_outer,
+    adapter_rows,
 )
 from tools.shapes import QWEN2_5_0_5B
 
@@ -49,10 +49,10 @@ def make_problem(rows, d_in, d_out, r, n_adapters, *, dtype=torch.float32, bias=
     )
 
 
-def check_against_reference(problem, adapter_ids, rel, *, backend="triton"):
+def check_against_reference(problem, row_adapters, rel, *, backend="triton"):
     """Forward and dx, dA, dB of the kernels equal the reference's."""
-    y = lora_linear(**problem, adapter_ids=adapter_ids, backend=backend)
-    y_ref = lora_linear_reference(**problem, adapter_ids=adapter_ids)
+    y = lora_linear(**problem, row_adapters=row_adapters, backend=backend)
+    y_ref = lora_linear_reference(**problem, row_adapters=row_adapters)
     assert y.shape == y_ref.shape and y.dtype == problem["x"].dtype
     assert_rel_close(y, y_ref, rel, "y")
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y)
@@ -64,15 +64,15 @@ def check_against_reference(problem, adapter_ids, rel, *, backend="triton"):
         assert_rel_close(g, g_ref, rel, name)
 
 
-def check_low_precision_against_fp32_reference(problem, adapter_ids):
+def check_low_precision_against_fp32_reference(problem, row_adapters):
     """bf16/fp16 kernels against the reference run in fp32 on the same (rounded) inputs: only the
     kernels' own rounding counts (adapters cast to x's dtype for the dots, h and y rounded)."""
     dtype = problem["x"].dtype
     wide = {
         k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in problem.items()
     }
-    y = lora_linear(**problem, adapter_ids=adapter_ids, backend="triton")
-    y_ref = lora_linear_reference(**wide, adapter_ids=adapter_ids)
+    y = lora_linear(**problem, row_adapters=row_adapters, backend="triton")
+    y_ref = lora_linear_reference(**wide, row_adapters=row_adapters)
     assert y.dtype == dtype
     assert_rel_close(y, y_ref, REL_TOL[dtype], "y")
     # Rounded once, the same upstream for both.
@@ -136,35 +136,35 @@ def test_no_adapter_ids_means_adapter_zero(bias):
     check_against_reference(problem, None, REL_TOL[torch.float32])
     y = lora_linear(**problem, backend="triton")
     zeros = torch.zeros(40, dtype=torch.int64)
-    assert_rel_close(y, lora_linear_reference(**problem, adapter_ids=zeros), REL_TOL[torch.float32], "y")
+    assert_rel_close(y, lora_linear_reference(**problem, row_adapters=zeros), REL_TOL[torch.float32], "y")
 
 
 @pytest.mark.interpreter
-def test_leading_dims_and_segments_reuse():
-    """x (segments, seq, d_in) with ids (segments, seq); a LoraSegments gives the same result as raw ids."""
+def test_leading_dims_and_adapter_rows_reuse():
+    """x (sequences, seq, d_in) with ids (sequences, seq); an AdapterRows gives the same result as raw ids."""
     problem = make_problem(0, 24, 40, 16, 3, lead=(6, 11))
     ids = torch.tensor([2, 0, 2, 1, 0, 2]).repeat_interleave(11).view(6, 11)
     check_against_reference(problem, ids, REL_TOL[torch.float32])
-    segments = lora_segments(ids, 3)
-    y_seg = lora_linear(**problem, adapter_ids=segments, backend="triton")
-    y_ids = lora_linear(**problem, adapter_ids=ids, backend="triton")
-    assert y_seg.shape == (6, 11, 40)
-    torch.testing.assert_close(y_seg, y_ids, rtol=0, atol=0)
+    by_adapter = adapter_rows(ids, 3)
+    y_rows = lora_linear(**problem, row_adapters=by_adapter, backend="triton")
+    y_ids = lora_linear(**problem, row_adapters=ids, backend="triton")
+    assert y_rows.shape == (6, 11, 40)
+    torch.testing.assert_close(y_rows, y_ids, rtol=0, atol=0)
 
 
-def test_segments_metadata():
-    segments = lora_segments(torch.tensor([[2, 0], [2, 2]]), 4)
-    assert segments.row_order.tolist() == [1, 0, 2, 3]
-    assert segments.sorted_ids.tolist() == [0, 2, 2, 2]
-    assert segments.starts.tolist() == [0, 1, 1, 4, 4]
-    assert segments.counts.tolist() == [1, 0, 3, 0]
-    assert segments.max_rows_per_adapter == 3 and segments.n_rows == 4
+def test_adapter_rows():
+    by_adapter = adapter_rows(torch.tensor([[2, 0], [2, 2]]), 4)
+    assert by_adapter.row_order.tolist() == [1, 0, 2, 3]
+    assert by_adapter.sorted_ids.tolist() == [0, 2, 2, 2]
+    assert by_adapter.starts.tolist() == [0, 1, 1, 4, 4]
+    assert by_adapter.counts.tolist() == [1, 0, 3, 0]
+    assert by_adapter.max_rows_per_adapter == 3 and by_adapter.n_rows == 4
 
 
 @pytest.mark.interpreter
 def test_zero_rows():
     problem = make_problem(0, 9, 5, 4, 2)
-    y = lora_linear(**problem, adapter_ids=torch.zeros(0, dtype=torch.int64), backend="triton")
+    y = lora_linear(**problem, row_adapters=torch.zeros(0, dtype=torch.int64), backend="triton")
     assert y.shape == (0, 5)
 
 
@@ -172,17 +172,17 @@ def test_zero_rows():
 def test_backward_row_splits_agree():
     """dA/dB summed over several programs per adapter equal the one-program sum."""
     rows, n_adapters = 90, 3
-    segments = lora_segments(ids_unsorted_with_empty_adapter(rows, 4) % n_adapters, n_adapters)
+    by_adapter = adapter_rows(ids_unsorted_with_empty_adapter(rows, 4) % n_adapters, n_adapters)
     left, right = torch.randn(rows, 20), torch.randn(rows, 37)
-    one = lora_segment_outer(left, right, segments, 0.5, left_sorted=True, right_sorted=False, n_splits=1)
-    many = lora_segment_outer(left, right, segments, 0.5, left_sorted=True, right_sorted=False, n_splits=3)
+    one = lora_adapter_outer(left, right, by_adapter, 0.5, left_sorted=True, right_sorted=False, n_splits=1)
+    many = lora_adapter_outer(left, right, by_adapter, 0.5, left_sorted=True, right_sorted=False, n_splits=3)
     assert_rel_close(many, one, 1e-6, "split sums")
     expected = torch.stack(
-        [0.5 * left[segments.starts[a] : segments.starts[a + 1]].t() @ right[segments.row_order][
-            segments.starts[a] : segments.starts[a + 1]
+        [0.5 * left[by_adapter.starts[a] : by_adapter.starts[a + 1]].t() @ right[by_adapter.row_order][
+            by_adapter.starts[a] : by_adapter.starts[a + 1]
         ] for a in range(n_adapters)]
     )  # fmt: skip
-    assert_rel_close(one, expected, 1e-5, "segment outer")
+    assert_rel_close(one, expected, 1e-5, "per-adapter outer")
 
 
 @settings(max_examples=12, deadline=None)
@@ -237,8 +237,8 @@ def test_broadcast_upstream_gradient():
     problem = make_problem(37, 20, 33, 8, 2)
     ids = ids_unsorted_with_empty_adapter(37, 3)
     inputs = [problem["x"], problem["lora_a"], problem["lora_b"]]
-    got = torch.autograd.grad(lora_linear(**problem, adapter_ids=ids, backend="triton").sum(), inputs)
-    want = torch.autograd.grad(lora_linear_reference(**problem, adapter_ids=ids).sum(), inputs)
+    got = torch.autograd.grad(lora_linear(**problem, row_adapters=ids, backend="triton").sum(), inputs)
+    want = torch.autograd.grad(lora_linear_reference(**problem, row_adapters=ids).sum(), inputs)
     for name, g, g_ref in zip(("dx", "dA", "dB"), got, want):
         assert_rel_close(g, g_ref, REL_TOL[torch.float32], name)
 
@@ -277,7 +277,7 @@ def test_backend_choice(monkeypatch):
 
 def _bad(**changes):
     problem = make_problem(6, 5, 4, 2, 2)
-    ids = changes.pop("adapter_ids", torch.zeros(6, dtype=torch.int64))
+    ids = changes.pop("row_adapters", torch.zeros(6, dtype=torch.int64))
     problem.update(changes)
     return problem, ids
 
@@ -294,12 +294,12 @@ BAD_INPUTS = [
     ("lora_b adapters", dict(lora_b=torch.randn(3, 4, 2)), ValueError, "lora_b"),
     ("scale nan", dict(scale=float("nan")), ValueError, "scale"),
     ("scale tensor", dict(scale=torch.tensor(1.0)), TypeError, "scale"),
-    ("ids too large", dict(adapter_ids=torch.tensor([0, 1, 2, 0, 0, 0])), ValueError, "adapter_ids"),
-    ("ids negative", dict(adapter_ids=torch.tensor([0, -1, 0, 0, 0, 0])), ValueError, "adapter_ids"),
-    ("ids shape", dict(adapter_ids=torch.zeros(5, dtype=torch.int64)), ValueError, "adapter_ids"),
-    ("ids float", dict(adapter_ids=torch.zeros(6)), TypeError, "adapter_ids"),
-    ("segments adapters", dict(adapter_ids=lora_segments(torch.zeros(6, dtype=torch.int64), 3)), ValueError, "adapter"),
-    ("segments rows", dict(adapter_ids=lora_segments(torch.zeros(7, dtype=torch.int64), 2)), ValueError, "rows"),
+    ("ids too large", dict(row_adapters=torch.tensor([0, 1, 2, 0, 0, 0])), ValueError, "row_adapters"),
+    ("ids negative", dict(row_adapters=torch.tensor([0, -1, 0, 0, 0, 0])), ValueError, "row_adapters"),
+    ("ids shape", dict(row_adapters=torch.zeros(5, dtype=torch.int64)), ValueError, "row_adapters"),
+    ("ids float", dict(row_adapters=torch.zeros(6)), TypeError, "row_adapters"),
+    ("adapter rows adapters", dict(row_adapters=adapter_rows(torch.zeros(6, dtype=torch.int64), 3)), ValueError, "adapter"),
+    ("adapter rows rows", dict(row_adapters=adapter_rows(torch.zeros(7, dtype=torch.int64), 2)), ValueError, "rows"),
 ]  # fmt: skip
 
 
@@ -308,7 +308,7 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_naming_the_argument(what, changes, error, match, backend):
     problem, ids = _bad(**changes)
     with pytest.raises(error, match=match):
-        lora_linear(**problem, adapter_ids=ids, backend=backend)
+        lora_linear(**problem, row_adapters=ids, backend=backend)
 
 
 def test_bad_backend_name():
@@ -316,8 +316,8 @@ def test_bad_backend_name():
         lora_linear(**make_problem(2, 3, 4, 1, 1), backend="cuda")
 
 
-def test_segments_type_is_public():
-    assert isinstance(lora_segments(torch.tensor([0]), 1), LoraSegments)
+def test_adapter_rows_type_is_public():
+    assert isinstance(adapter_rows(torch.tensor([0]), 1), AdapterRows)
 
 
 @pytest.mark.parametrize("configs_fn", ["_gemm_configs", "_shrink_configs"])

@@ -215,3 +215,29 @@ def test_meta_gradient_is_deterministic_and_leaves_meta_parameters_untouched():
     assert all(torch.equal(before[k], v) for k, v in perk.meta_parameters().items())
     assert stats.inner_losses.shape == (3, len(PROBLEMS)) and stats.passes == 3 + 2 * 2
     assert stats.outer_loss == pytest.approx(float(loss_a))
+
+
+@pytest.mark.parametrize("mode", ["fd", "first_order", "exact"])
+@pytest.mark.parametrize("rule", [dict(inner_weight_decay=0.1), dict(inner_optimizer="adamw", inner_lr=0.01)],
+                         ids=["sgd+decay", "adamw"])
+def test_a_skipped_step_gives_its_rates_no_gradient(mode, rule):
+    """on_nonfinite="skip": a step skipped for every adapter (its gradient non-finite) sets their
+    rates to 0, so the meta-loss does not depend on that step's rates: ∂L/∂u of the step is 0 in
+    every mode. (The walk back once added −⟨d_n, v⟩ for a skipped adapter, d_n = λφ_n with weight
+    decay or Adam's old moment, a gradient for rates that had no effect.)"""
+    perk = make_perk("llama", on_nonfinite="skip", unroll_steps=2, **rule)
+    calls = []
+    honest = perk.adapted.loss_and_grad
+
+    def second_inner_pass_non_finite(batch, adapter, **kwargs):
+        result = honest(batch, adapter, **kwargs)
+        calls.append(None)
+        if len(calls) == 2:  # the pass of inner step 1 (the inner loop's passes come first)
+            result.grad = result.grad + float("nan")
+        return result
+
+    perk.adapted.loss_and_grad = second_inner_pass_non_finite
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        _, grads = gradient_with(perk, mode)
+    assert torch.equal(grads["inner_lr_log"][1], torch.zeros_like(grads["inner_lr_log"][1]))
+    assert grads["inner_lr_log"][[0, 2]].abs().min() > 0 and grads["adapter_init"].isfinite().all()

@@ -24,7 +24,7 @@ from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import percentile
 from perk.inner_loop import inner_loop
 from perk.meta_gradient import fd_step
-from perk.runs import TrainConfig
+from perk.config import TrainConfig
 from tests.test_meta_gradient import (
     PROBLEMS,
     directional_derivative,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from perk.cli import UsageError
-from perk.runs import TrainConfig, physical_cores, resolve_threads, set_threads
+from perk.config import TrainConfig
+from perk.runs import physical_cores, resolve_threads, set_threads
 
 
 def _topology(root: Path, siblings: dict[int, str]) -> Path:

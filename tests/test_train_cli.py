@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from perk.cli import UsageError, run_main
-from perk.train import PERK_DIR, batch_indices, main, parse_args
+from perk.train import PERK_DIR, main, parse_args
+from perk.trainer import batch_indices
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def test_train_on_official_files_with_support_targets(tiny_model_dir, tmp_path, 
 
 
 def test_a_train_file_without_eval_file_holds_out_its_last_problems(tmp_path):
-    from perk.train import make_problems
+    from perk.problems import make_problems
 
     _, config = parse_args(["--device", "cpu", "--data.train_file", str(OFFICIAL / "babilong.jsonl"),
                             "--data.eval_problems", "1", "--data.support_targets", "true"])

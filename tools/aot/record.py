@@ -115,13 +115,13 @@ def _tf32(enabled: bool) -> Iterator[None]:
 
 
 def _drive_lora_linear(model: ModelShape, rank: int, dtype: torch.dtype, use: list) -> None:
-    from perk_kernels import lora_linear, lora_segments
+    from perk_kernels import lora_linear, adapter_rows
 
     layers = {(d_in, d_out, bias) for _, d_in, d_out, bias in model.projections()}
     for scenario in SCENARIOS:
         rows = scenario.n_adapters * scenario.rows_per_adapter
         ids = torch.arange(scenario.n_adapters).repeat_interleave(scenario.rows_per_adapter)
-        segments = lora_segments(ids, scenario.n_adapters)
+        by_adapter = adapter_rows(ids, scenario.n_adapters)
         for d_in, d_out, bias in sorted(layers):
             use[0] = f"lora_linear {scenario.name}"
             x = torch.empty(rows, d_in, dtype=dtype, requires_grad=scenario.backward)
@@ -130,7 +130,7 @@ def _drive_lora_linear(model: ModelShape, rank: int, dtype: torch.dtype, use: li
             lora_a = torch.empty(scenario.n_adapters, rank, d_in, requires_grad=scenario.backward)
             lora_b = torch.empty(scenario.n_adapters, d_out, rank, requires_grad=scenario.backward)
             with torch.set_grad_enabled(scenario.backward):
-                y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, segments)
+                y = lora_linear(x, weight, b, lora_a, lora_b, 2.0, by_adapter)
             if scenario.backward:
                 y.backward(torch.empty_like(y))
 
@@ -148,14 +148,10 @@ def _drive_adapter_ops(model: ModelShape, rank: int, use: list) -> None:
     phi, direction, g_plus, g_minus = (torch.empty(n_adapters, offsets[-1]) for _ in range(4))
     lr = torch.full((len(sizes),), 0.1)
     use[0] = "lora_inner_step"
+    # The engine's steps: in place, with and without clipping (a differentiated step is the torch
+    # reference, no kernel).
     for max_grad_norm in (None, 1.0):
-        lora_inner_step(phi, direction, lr, offsets, max_grad_norm=max_grad_norm, inplace=True)
-    # Out of place and differentiated (unrolled steps of an op user; the engine's are in place).
-    params = phi.detach().requires_grad_()
-    lr_param = lr.clone().requires_grad_()
-    for max_grad_norm in (None, 1.0):
-        out = lora_inner_step(params, direction, lr_param, offsets, max_grad_norm=max_grad_norm)
-        out.backward(torch.empty_like(out))
+        lora_inner_step(phi, direction, lr, offsets, weight_decay=0.01, max_grad_norm=max_grad_norm, inplace=True)
     use[0] = "meta_grad_accumulate"
     lr_grad = torch.zeros(n_adapters, len(sizes))
     meta_grad_accumulate(phi, direction, g_plus, g_minus, torch.ones(n_adapters), lr_grad, offsets, backend="triton")
