@@ -871,6 +871,9 @@ def readme_markdown(study: Study, payload: dict, readme_dir: Path) -> str:
             last, before = curve[-1]["exact_match"], curve[-2]["exact_match"]
             trend = "still rising" if last > before else "not rising"
             lines[-1] += f" Between the last two points it was {trend} ({before:.0f} → {last:.0f} %)."
+    measured = [t for t in payload["targets"] if t["met"] is not None]
+    lines += ["", f"{sum(t['met'] for t in measured)} of the {len(measured)} issue 26 targets measured here are met "
+              f"({len(payload['targets']) - len(measured)} not measured):"]
     lines += ["", "| issue 26 target | reached | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['reached']} | {'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |"
               for t in payload["targets"]]

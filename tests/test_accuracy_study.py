@@ -119,6 +119,9 @@ def test_report_rewrites_only_the_readme_section_between_its_markers(finished_st
     perk_768 = next(r for r in report["by_length"] if r["method"] == "perk" and r["length_tokens"] == 768)
     assert f"| perk | {perk_768['exact_match']:.0f} % (n=4) |" in text  # the figures come from the report
     assert "step 2:" in text and "| issue 26 target | reached | met |" in text
+    met = sum(t["met"] is True for t in report["targets"])
+    measured = sum(t["met"] is not None for t in report["targets"])
+    assert f"{met} of the {measured} issue 26 targets measured here are met" in text
     # links are relative to the README's folder
     assert f"]({Path(os.path.relpath(root / 'results', tmp_path)) / 'tiny-study-curve.png'})" in text
 
