@@ -60,6 +60,12 @@ def test_run_writes_json_summary_and_plots_with_every_field(tmp_path):
         assert Path(f"{stem}{plot}").read_bytes().startswith(b"\x89PNG")
 
 
+def _sigint_default() -> None:
+    """A shell that starts ``make test`` in the background ignores SIGINT in it, and Python then
+    never raises KeyboardInterrupt: the interrupted runs get SIGINT's default back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 INTERRUPTED_SUITE = """
 import os
 import signal
@@ -86,7 +92,7 @@ def test_an_interrupted_run_saves_the_benchmarks_that_finished(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "benchmarks.conftest", str(tmp_path / "test_interrupted_suite.py"),
          "--benchmark-only", f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=_sigint_default,
     )  # fmt: skip
     # 2: interrupted (1 where pytest itself fails to format the interrupt's traceback)
     assert result.returncode in (1, 2), result.stdout[-3000:] + result.stderr[-3000:]
@@ -99,6 +105,7 @@ def test_run_py_reports_what_finished_when_interrupted(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.run", "--only", "kernels", "--sizes", "small", "--out-dir", str(tmp_path)],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_sigint_default,
     )  # fmt: skip
     output = process.stdout.readline()  # "running: …"
     while "." not in (dots := process.stdout.read(1)):  # pytest -q: one dot per finished benchmark
