@@ -12,8 +12,7 @@ import torch
 from perk.check_meta_grad import main, percentile, perk_models, saved_meta_parameters
 from perk.cli import run_main
 from perk.runs import read_run_config
-from perk.train import main as train_main
-from tests.test_train_cli import tiny_args
+from tests.test_train_cli import train_tiny_run
 from tests.tiny_models import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +31,7 @@ def tiny_gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished one-step perk.train run of a tiny Llama, its meta-parameters moved off their init."""
-    root = tmp_path_factory.mktemp("check-run")
-    model_dir = save_tiny_model("llama", root / "model")
-    os.environ["PERK_KERNELS_BACKEND"] = "torch"
-    try:
-        args = tiny_args(model_dir, root / "runs", steps=1, context_tokens=800) + ["--methods", "perk"]
-        assert train_main(args) == 0
-    finally:
-        del os.environ["PERK_KERNELS_BACKEND"]
-    return root / "runs" / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("check-run"), "--methods", "perk", steps=1, context_tokens=800)
 
 
 def check_args(model_dir, *extra):

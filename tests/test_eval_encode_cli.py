@@ -15,8 +15,7 @@ from perk import eval as perk_eval
 from perk import encode as perk_encode
 from perk.cli import run_main
 from perk.tasks import generate, write_jsonl
-from perk.train import main as train_main
-from tests.test_train_cli import tiny_args
+from tests.test_train_cli import train_tiny_run
 from tests.tiny_models import save_tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,14 +28,7 @@ def _torch_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-run")
-    model_dir = save_tiny_model("llama", root / "model")
-    os.environ["PERK_KERNELS_BACKEND"] = "torch"
-    try:
-        assert train_main(tiny_args(model_dir, root / "runs", steps=1)) == 0
-    finally:
-        del os.environ["PERK_KERNELS_BACKEND"]
-    return root / "runs" / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("eval-run"), steps=1)
 
 
 def test_eval_writes_table_json_and_plots(trained_run, tmp_path, capsys):

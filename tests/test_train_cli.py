@@ -49,6 +49,18 @@ def tiny_args(model_dir, runs_dir, name="run", steps=3, context_tokens=1024):
     ]
 
 
+def train_tiny_run(root: Path, *extra: str, **args_kwargs) -> Path:
+    """A finished in-process perk.train run of a tiny Llama under ``root``: ``tiny_args`` with
+    ``args_kwargs``, then ``extra`` flags. Returns the run directory."""
+    model_dir = save_tiny_model("llama", root / "model")
+    os.environ["PERK_KERNELS_BACKEND"] = "torch"
+    try:
+        assert main([*tiny_args(model_dir, root / "runs", **args_kwargs), *extra]) == 0
+    finally:
+        del os.environ["PERK_KERNELS_BACKEND"]
+    return root / "runs" / "run"
+
+
 def run_cli(module, args, timeout=300):
     return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
