@@ -14,13 +14,14 @@ documents, ~60 tokens in all, the shape of the fidelity test's problem) — in o
 
 with the meta-parameters (θ, inner rates) at ``init`` (LoRA init, B = 0), ``B-perturbed`` (B ~
 N(0, 0.02²), standing in for a meta-trained θ) or ``trained`` (the state of a real meta-training:
-``--trained``, an arm's state of ``benchmarks.meta_grad_convergence`` or a finished ``perk.train``
-run directory). The reference is ``exact`` with the base model in fp32 holding the same
+``--trained``: by default the accuracy study's exported meta-parameters after 80 meta-steps of
+``perk.train``'s engine; or an arm's state of ``benchmarks.meta_grad_convergence``, or a finished
+``perk.train`` run directory). The reference is ``exact`` with the base model in fp32 holding the same
 bf16-rounded weights as the bf16 model, so every difference is bf16 compute. Against it, with the
 base model in bf16: ``exact`` (the bf16 ceiling), ``fd`` at 0.5x, 1x and 2x its automatic step
 (``fd`` at 1x being what the library runs: with its fp32 passes where :func:`perk.meta_gradient.float32_from`
-chooses them), ``fd-bf16`` (``fd`` with every pass in bf16, the behaviour before the fp32 passes),
-``fd-fp32-last`` (the last T steps and what follows in fp32, forced) and ``first_order``: the cosine
+chooses them), ``fd-bf16`` (``fd_float32="never"``: every pass in bf16, the behaviour before the fp32 passes),
+``fd-fp32-last`` (``fd_float32="unrolled"``: the last T steps and what follows in fp32, forced) and ``first_order``: the cosine
 and relative error of ∂L/∂θ and of the log-rates' gradient. Each case also records what explains
 it: context tokens, the fp32 inner losses and inner gradient norms per step (clipping acts where
 the norm exceeds the threshold), the fp32 meta-gradient's norm, and the share of it that
@@ -33,7 +34,6 @@ resumed (``--max_minutes``; rerun the same command); ``--report`` summarises the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -122,9 +122,9 @@ class Setting:
         if kind == "init":
             return self.init
         if kind == "trained":
-            if trained is None or trained["adapter_init"].shape != self.init["adapter_init"].shape:
+            if trained is None or any(trained[k].shape != self.init[k].shape for k in PARAMETERS):
                 return None
-            return trained
+            return {k: trained[k].to(self.init[k].dtype) for k in PARAMETERS}
         params = {k: v.clone() for k, v in self.init.items()}
         layout, generator = self.reference.layout, torch.Generator().manual_seed(1000 + seed)
         for group in range(1, layout.n_groups, 2):  # B of every module
@@ -139,24 +139,11 @@ def load_params(model: PerkModel, params: dict[str, torch.Tensor]) -> None:
             tensor.copy_(params[name])
 
 
-@contextlib.contextmanager
-def fd_variant(scale: float, float32_from):
-    """fd at ``scale`` times its automatic step, with the fp32 passes chosen by ``float32_from``
-    (a policy like :func:`perk.meta_gradient.float32_from`; None: the library's own)."""
-    policy = meta_gradient_module.float32_from
-    if float32_from is not None:
-        meta_gradient_module.float32_from = float32_from
-    try:
-        with meta_gradient_module.scaled_fd_step(scale):
-            yield
-    finally:
-        meta_gradient_module.float32_from = policy
-
-
-def gradient(model: PerkModel, problem: dict, mode: str) -> tuple[dict, float]:
-    model.config.meta_grad = mode
+def gradient(model: PerkModel, problem: dict, mode: str, fd_float32: str = "auto", fd_scale: float = 1.0) -> tuple[dict, float]:
+    model.config.meta_grad, model.config.fd_float32 = mode, fd_float32
     start = time.perf_counter()
-    _, grads, _ = model.meta_gradient([problem])
+    with meta_gradient_module.scaled_fd_step(fd_scale):
+        _, grads, _ = model.meta_gradient([problem])
     return grads, time.perf_counter() - start
 
 
@@ -179,20 +166,18 @@ def run_case(setting: Setting, problem: dict, params: dict) -> dict:
     first_order, _ = gradient(setting.reference, problem, "first_order")
     case["reference_norm"] = {k: float(want[k].norm()) for k in PARAMETERS}
     case["hessian_share"] = {k: relative_error(want[k], first_order[k]) for k in PARAMETERS}
-    n, t = setting.config.inner_steps, setting.config.unroll_steps
-    modes = [("exact", "exact", 1.0, None)]
-    modes += [(f"fd x{scale:g}", "fd", scale, None) for scale in FD_SCALES]
-    modes += [("fd-bf16", "fd", 1.0, lambda *_: None), ("fd-fp32-last", "fd", 1.0, lambda *_: n - t),
-              ("first_order", "first_order", 1.0, None)]
+    modes = [("exact", "exact", 1.0, "auto")]
+    modes += [(f"fd x{scale:g}", "fd", scale, "auto") for scale in FD_SCALES]
+    modes += [("fd-bf16", "fd", 1.0, "never"), ("fd-fp32-last", "fd", 1.0, "unrolled"),
+              ("first_order", "first_order", 1.0, "auto")]
     segments, _ = setting.bf16._problem_batches([problem])
     library_bf16_only = meta_gradient_module.float32_from(setting.bf16.adapted, setting.config, segments) is None
     case["modes"] = {}
-    for name, mode, scale, policy in modes:
+    for name, mode, scale, fd_float32 in modes:
         if name == "fd-bf16" and library_bf16_only:  # the library's fd x1 is this very computation
             case["modes"][name] = dict(case["modes"]["fd x1"])
             continue
-        with fd_variant(scale, policy):
-            got, seconds = gradient(setting.bf16, problem, mode)
+        got, seconds = gradient(setting.bf16, problem, mode, fd_float32, scale)
         case["modes"][name] = {
             **{f"cosine {k}": cosine(got[k], want[k]) for k in PARAMETERS},
             **{f"rel_error {k}": relative_error(got[k], want[k]) for k in PARAMETERS},
@@ -207,8 +192,9 @@ def parse_args(argv):
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--thetas", default=",".join(THETAS))
-    parser.add_argument("--trained", type=Path, default=Path("runs/meta-grad-convergence/exact-fp32.pt"),
-                        help="meta-parameters after real meta-training (a convergence arm's .pt or a perk.train run)")
+    parser.add_argument("--trained", type=Path, default=Path("benchmarks/results/accuracy-study-perk"),
+                        help="meta-parameters after real meta-training: a perk.train run or export (default: the "
+                             "accuracy study's, 80 meta-steps of perk.train's engine) or a convergence arm's .pt")
     parser.add_argument("--max_minutes", type=float, default=None, help="stop (resumably) after about this long")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="only summarise the cases run so far")

@@ -60,6 +60,7 @@ GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 DEFAULT_TARGETS = LLAMA_TARGETS + GPT2_TARGETS
 
 META_GRAD_MODES = ("fd", "exact", "first_order")
+FD_FLOAT32_POLICIES = ("auto", "unrolled", "never")
 INNER_OPTIMIZERS = ("sgd", "adamw")
 NONFINITE_POLICIES = ("raise", "skip")
 METHODS = ("perk", "zeroshot", "ftic")  # the methods a run compares (perk.methods)
@@ -98,6 +99,10 @@ class PerkConfig:
     unit vector per adapter; None (the default) picks it from the base model's compute dtype and
     the adapter's norm (``perk.meta_gradient.fd_step``: ε = 0.008·‖φ‖ for a bf16 model, 0.004·‖φ‖
     for fp16, 0.0002·‖φ‖ for fp32 and fp64), so no precision needs tuning; a number overrides it.
+    With a bf16/fp16 base model, ``fd_float32`` says where ``fd`` runs the base model in fp32:
+    ``"auto"`` runs the last T inner steps, the outer pass and the probes in fp32 on contexts that
+    need it (under ``perk.meta_gradient.FLOAT32_BELOW_TOKENS`` tokens per adapter), ``"unrolled"``
+    always, ``"never"`` never (every pass in the base dtype).
 
     Token weighting (``token_weighting``, off by default) puts a meta-learned weight in (0, 2) on
     every context token's NLL, from an MLP (``weighting_hidden`` units) on the base model's
@@ -124,6 +129,7 @@ class PerkConfig:
     adam_eps: float = field(1e-8, "AdamW epsilon of the inner steps")
     meta_grad: str = field("fd", "Hessian-vector products of the meta-gradient: fd, exact or first_order")
     fd_epsilon: float | None = field(None, "finite-difference step of the fd mode (none: chosen from the base model's dtype and the adapter's norm)")
+    fd_float32: str = field("auto", "fd with a bf16/fp16 base: last T steps, outer pass and probes in fp32 on short contexts (auto), always (unrolled) or never")
     token_weighting: bool = field(False, "meta-learn weights on the context tokens' losses")
     weighting_hidden: int = field(32, "hidden units of the token-weighting MLP")
     micro_batch_tokens: int = field(4096, "segment tokens per forward/backward (bounds activation memory)")
@@ -145,6 +151,7 @@ class PerkConfig:
         _check_int("weighting_hidden", self.weighting_hidden, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_choice("meta_grad", self.meta_grad, META_GRAD_MODES)
+        _check_choice("fd_float32", self.fd_float32, FD_FLOAT32_POLICIES)
         _check_choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         _check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _check_choice("dtype", self.dtype, tuple(DTYPES))

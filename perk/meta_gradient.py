@@ -202,17 +202,17 @@ def meta_gradient(
 def float32_from(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch) -> int | None:
     """The inner step from which ``fd`` runs its passes with the base model in fp32 (None: never).
 
-    A bf16/fp16 base model whose contexts are short (an adapter with fewer than
-    :data:`FLOAT32_BELOW_TOKENS` context tokens) runs its last T inner steps, the outer pass and the
-    finite-difference probes in fp32, with fp32's smaller step; the first N − T steps stay in the
-    base dtype. On such contexts the Hessian term of the meta-gradient is about as large as the
-    first-order one and changes over a shorter scale than the bf16 step ε resolves; the fp32
-    passes recover most, not all, of the fidelity lost there (measurements:
-    ``benchmarks/results/meta-grad-fidelity.md``).
+    Only a bf16/fp16 base model has passes to move, and ``config.fd_float32`` says which: its last
+    T inner steps, the outer pass and the finite-difference probes run in fp32, with fp32's smaller
+    step, while the first N − T steps stay in the base dtype. ``"auto"`` does so where an adapter
+    has fewer than :data:`FLOAT32_BELOW_TOKENS` context tokens: on such contexts the Hessian term
+    of the meta-gradient is about as large as the first-order one and changes over a shorter scale
+    than the bf16 step ε resolves; the fp32 passes recover most, not all, of the fidelity lost there
+    (measurements: ``benchmarks/results/meta-grad-fidelity.md``).
     """
-    if adapted.model.dtype not in (torch.bfloat16, torch.float16):
+    if adapted.model.dtype not in (torch.bfloat16, torch.float16) or config.fd_float32 == "never":
         return None
-    if int(segments.tokens_per_adapter().min()) >= FLOAT32_BELOW_TOKENS:
+    if config.fd_float32 == "auto" and int(segments.tokens_per_adapter().min()) >= FLOAT32_BELOW_TOKENS:
         return None
     return config.inner_steps - config.unroll_steps
 

