@@ -859,10 +859,16 @@ def readme_markdown(study: Study, payload: dict, readme_dir: Path) -> str:
     ]
     for method in study.config.eval.methods:
         lines.append(f"| {method} | " + " | ".join(at(method, n) for n in lengths) + " |")
-    depth = [r for r in payload["by_depth"] if r["method"] == "perk"]
-    if depth:
-        lines += ["", "PERK by depth of the supporting fact at the training length: " + ", ".join(
-            f"{r['depth_pct']} %: {r['exact_match']:.0f} % (n={r['n']})" for r in depth) + "."]
+    by_depth = {(r["method"], r["depth_pct"]): r for r in payload["by_depth"]}
+    if by_depth:
+        depths = sorted({d for _, d in by_depth})
+        depth_tokens = payload["by_depth"][0]["length_tokens"]
+        lines += ["", f"By depth of the supporting fact in the context ({depth_tokens} tokens):", "",
+                  "| method | " + " | ".join(f"{d} %" for d in depths) + " |", "|---|" + "---|" * len(depths)]
+        for method in study.config.eval.methods:
+            cells = [by_depth.get((method, d)) for d in depths]
+            lines.append(f"| {method} | " + " | ".join(
+                "not run" if r is None else f"{r['exact_match']:.0f} % (n={r['n']})" for r in cells) + " |")
     curve = payload["learning_curve"]
     if curve:
         lines += ["", "Learning curve (PERK's held-out exact match at the training length): " + ", ".join(
@@ -877,6 +883,15 @@ def readme_markdown(study: Study, payload: dict, readme_dir: Path) -> str:
     lines += ["", "| issue 26 target | reached | met |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['reached']} | {'-' if t['met'] is None else ('yes' if t['met'] else '**no**')} |"
               for t in payload["targets"]]
+    cost = payload["cost"]
+    if cost:
+        stages = sum(v for k, v in seconds.items() if k in STAGES)
+        lines += ["", f"Time: the stages' recorded wall clock here came to {stages / 60:.0f} min (on a shared machine: the md's wall-time table). At "
+                  f"the cost measured on the idle machine ([{results / name}-cost.md]({results / name}-cost.md)) this "
+                  f"YAML's study takes {cost['plan_seconds']['total'] / 60:.0f} min and issue 26's whole grid (20 problems "
+                  f"at 16K included) {cost['issue_grid_seconds']['total'] / 60:.0f} min, against the issue's 120 min; "
+                  f"PERK's evaluation, linear in the context's tokens, is {cost['plan_seconds']['eval_perk'] / 60:.0f} "
+                  "min of the former."]
     plots = [f"{name}-{p}.png" for p in ("vs-length", "vs-depth", "curve") if (study.results / f"{name}-{p}.png").is_file()]
     if plots:
         lines += ["", " ".join(f"![{p}]({results / p})" for p in plots)]

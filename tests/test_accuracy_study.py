@@ -111,19 +111,31 @@ def test_report_rewrites_only_the_readme_section_between_its_markers(finished_st
     readme.write_text("# intro\n<!-- tiny-study: begin -->\nold figures\n<!-- tiny-study: end -->\n## after\n")
     config = yaml.safe_load(path.read_text())
     config["readme"] = str(readme)
-    assert main(["--config", str(write_config(tmp_path / "with-readme.yaml", config)), "--stage", "report"]) == 0
+    # a cost stage's result, whose plan the README quotes against the issue's 2 hours
+    config["results_dir"] = str(tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    plan = {"eval_perk": 1500.0, "total": 5400.0}
+    cost = {"plan_seconds": plan, "issue_grid_seconds": {**plan, "total": 9000.0}}
+    (tmp_path / "results" / "tiny-study-cost.json").write_text(json.dumps(cost))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("benchmarks.accuracy_study.cost_markdown", lambda cost: "")  # the stub has no measurements
+        assert main(["--config", str(write_config(tmp_path / "with-readme.yaml", config)), "--stage", "report"]) == 0
     text = readme.read_text()
+    assert "this YAML's study takes 90 min and issue 26's whole grid (20 problems at 16K included) 150 min" in text
+    assert "PERK's evaluation, linear in the context's tokens, is 25 min" in text
     assert text.startswith("# intro\n<!-- tiny-study: begin -->\n") and text.endswith("<!-- tiny-study: end -->\n## after\n")
     assert "old figures" not in text
-    report = json.loads((root / "results" / "tiny-study.json").read_text())
+    report = json.loads((tmp_path / "results" / "tiny-study.json").read_text())
     perk_768 = next(r for r in report["by_length"] if r["method"] == "perk" and r["length_tokens"] == 768)
     assert f"| perk | {perk_768['exact_match']:.0f} % (n=4) |" in text  # the figures come from the report
     assert "step 2:" in text and "| issue 26 target | reached | met |" in text
+    perk_depth_0 = next(r for r in report["by_depth"] if r["method"] == "perk" and r["depth_pct"] == 0)
+    assert "| method | 0 % | 100 % |" in text and f"| perk | {perk_depth_0['exact_match']:.0f} % (n=4) |" in text
     met = sum(t["met"] is True for t in report["targets"])
     measured = sum(t["met"] is not None for t in report["targets"])
     assert f"{met} of the {measured} issue 26 targets measured here are met" in text
     # links are relative to the README's folder
-    assert f"]({Path(os.path.relpath(root / 'results', tmp_path)) / 'tiny-study-curve.png'})" in text
+    assert f"]({Path(os.path.relpath(tmp_path / 'results', tmp_path)) / 'tiny-study-curve.png'})" in text
 
 
 def test_rerun_is_a_no_op_and_a_changed_recipe_is_refused(finished_study, tmp_path):
