@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,7 @@ import yaml
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from benchmarks.report import write_readme_section
+from benchmarks.report import cpu_name, write_readme_section
 from perk.checkpoint import checkpoint_dir, read_checkpoint, read_safetensors, write_file_atomic, write_folder_atomic
 from perk.cli import ArgumentParser, UsageError, build_config, config_to_dict, flatten, run_main
 from perk.config import field
@@ -642,11 +641,7 @@ def provenance(study: Study) -> dict:
         except OSError:
             return ""
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    cpu += f" (native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'})" if flags else ""
+    cpu = cpu_name()
     return {
         "command": f"python -m benchmarks.accuracy_study --config {study.config_path}",
         "commit": git("rev-parse", "HEAD") + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""),

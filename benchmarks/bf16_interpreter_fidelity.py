@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ else:
 
 import triton  # noqa: E402
 
+from benchmarks.report import cpu_name  # noqa: E402
 from tests import bf16_fidelity  # noqa: E402
 from tests.tiny_models import FAMILIES  # noqa: E402
 
@@ -58,11 +58,7 @@ COLUMNS = [  # (key in a pair's agreement, header, format)
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_name()
     load = ", load average %.1f %.1f %.1f at the start" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     return (
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}; "

@@ -38,18 +38,18 @@ import copy
 import dataclasses
 import datetime
 import json
-import platform
+import math
+import os
 import random
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import perk.meta_gradient as meta_gradient_module
-from benchmarks.report import write_readme_section
+from benchmarks.report import README, cpu_name, write_readme_section
 from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import cosine, percentile, relative_error
 from perk.inner_loop import inner_loop
@@ -69,6 +69,9 @@ SETTINGS = {
 THETAS = ("init", "B-perturbed", "trained")
 FD_SCALES = (0.5, 1.0, 2.0)
 B_SIGMA = 0.02
+# A case's seconds count as an idle machine's where the 1-minute load average after it is at most
+# this: its own 2 threads on the 2 cores, nothing else (cases before load_average was recorded ran beside other jobs).
+IDLE_LOAD = 2.5
 PARAMETERS = ("adapter_init", "inner_lr_log")
 NAMES = ("Mary", "John", "Sandra", "Daniel", "Emma", "Oliver", "Lucy", "Peter")
 PLACES = ("kitchen", "garden", "office", "hallway", "bedroom", "bathroom", "cellar", "garage")
@@ -232,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     case = {"family": family, "problem": index, "setting": setting_name, "theta": theta,
                             **run_case(setting, problem, params),
                             "commit": commit, "date": datetime.date.today().isoformat(),
-                            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"}
+                            "load_average": os.getloadavg()[0],
+                            "machine": f"{cpu_name()}, {torch.get_num_threads()} threads"}
                     with lines_file.open("a") as f:
                         f.write(json.dumps(case) + "\n")
                     fd = case["modes"]["fd x1"]
@@ -244,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(out: Path, cases: list[dict]) -> None:
-    """Group the cases (realistic = contexts of >= 256 tokens, tiny) and write json + md."""
+def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
+    """Group the cases (realistic = contexts of >= 256 tokens, tiny) and write json + md, and the
+    overall rows into ``readme``'s fidelity table."""
     groups: dict[tuple, list[dict]] = {}
     for case in cases:
         size = "tiny" if case["family"] == "tiny" else "realistic"
@@ -261,6 +266,8 @@ def write_report(out: Path, cases: list[dict]) -> None:
                 row[f"p10 cosine {k}"] = percentile(values, 0.1)
                 row[f"min cosine {k}"] = min(values)
                 row[f"median rel_error {k}"] = statistics.median(m["modes"][mode][f"rel_error {k}"] for m in members)
+            idle = [m["modes"][mode]["seconds"] for m in members if m.get("load_average", math.inf) <= IDLE_LOAD]
+            row["median seconds idle"] = statistics.median(idle) if idle else None
             summary.append(row)
     commits = sorted({c["commit"] for c in cases})
     meta = {"command": "python -m benchmarks.meta_grad_fidelity", "commits": commits,
@@ -278,19 +285,20 @@ def write_report(out: Path, cases: list[dict]) -> None:
           "`perk.meta_gradient.FLOAT32_BELOW_TOKENS` tokens.", "",
           fidelity_table(summary, overall=False), ""]
     (out / f"{STEM}.md").write_text("\n".join(md))
-    write_readme_section("fidelity-table", fidelity_table(summary, overall=True))
+    write_readme_section("fidelity-table", fidelity_table(summary, overall=True), readme)
     print("\n".join(md))
 
 
 def fidelity_table(summary: list[dict], *, overall: bool) -> str:
     """Markdown table: median / 10th percentile / min cosine of θ's and the rates' gradients."""
     rows = [r for r in summary if (r["setting"] == "all") == overall]
-    lines = ["| contexts | setting | θ | mode | cases | θ: median / p10 / min | rates: median / p10 / min |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| contexts | setting | θ | mode | cases | θ: median / p10 / min | rates: median / p10 / min | median s (idle) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [" / ".join(f"{r[f'{s} cosine {k}']:.3f}" for s in ("median", "p10", "min")) for k in PARAMETERS]
+        seconds = "–" if r.get("median seconds idle") is None else f"{r['median seconds idle']:.1f}"
         lines.append(f"| {r['contexts']} | {r['setting']} | {r['theta']} | {r['mode']} | {r['cases']} | "
-                     f"{cells[0]} | {cells[1]} |")
+                     f"{cells[0]} | {cells[1]} | {seconds} |")
     return "\n".join(lines)
 
 

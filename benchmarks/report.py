@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,17 @@ def cell(result: Result | None) -> str:
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively (``/proc/cpuinfo``; the
+    platform's processor string elsewhere): a CPU timing means little without it."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    lines = info.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    name = name or platform.processor() or platform.machine()
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    return name + (f" (native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'})" if flags else "")
 
 
 def write_readme_section(name: str, text: str, readme: Path = README) -> bool:

@@ -12,6 +12,7 @@
 import copy
 import dataclasses
 import importlib.util
+import json
 import statistics
 import warnings
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import perk.meta_gradient as meta_gradient
-from benchmarks.meta_grad_fidelity import Setting, family_problems, load_params
+from benchmarks.meta_grad_fidelity import Setting, family_problems, load_params, write_report
 from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import percentile
 from perk.inner_loop import inner_loop
@@ -240,3 +241,27 @@ def test_adamw_warns_once_that_its_statistics_are_constants(monkeypatch):
         warnings.simplefilter("error")
         perk.meta_gradient(PROBLEMS)
         perk.encode(PROBLEMS[0]["context"])
+
+
+def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
+    def case(family, cosines, seconds, load):
+        modes = {mode: {"cosine adapter_init": c, "cosine inner_lr_log": c, "rel_error adapter_init": 1 - c,
+                        "rel_error inner_lr_log": 1 - c, "seconds": seconds} for mode, c in cosines.items()}
+        return {"family": family, "setting": "train", "theta": "trained", "modes": modes, "commit": "abc1234",
+                "date": "2026-12-06", "machine": "cpu", **({} if load is None else {"load_average": load})}
+
+    cases = [case("qa1", {"fd x1": 0.99, "exact": 1.0}, 10.0, 2.0), case("qa1", {"fd x1": 0.97, "exact": 1.0}, 30.0, 6.0),
+             case("student_records", {"fd x1": 0.95, "exact": 0.98}, 20.0, None), case("tiny", {"fd x1": 0.5, "exact": 0.9}, 4.0, 1.0)]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- fidelity-table: begin -->\n<!-- fidelity-table: end -->\n")
+    write_report(tmp_path, cases, readme)
+    rows = {(r["contexts"], r["setting"], r["mode"]): r for r in json.loads((tmp_path / "meta-grad-fidelity.json").read_text())["summary"]}
+    realistic = rows[("realistic", "train", "fd x1")]
+    assert realistic["cases"] == 3 and realistic["median cosine adapter_init"] == pytest.approx(0.97)
+    assert realistic["min cosine adapter_init"] == pytest.approx(0.95)
+    assert realistic["median seconds idle"] == 10.0  # the loaded case (6.0) and the unrecorded one are left out
+    assert rows[("tiny", "train", "exact")]["median cosine adapter_init"] == pytest.approx(0.9)
+    text = readme.read_text()
+    assert "| realistic | all | all | fd x1 | 3 | 0.970 / " in text and "| tiny | all | all | fd x1 | 1 | 0.500 / " in text
+    assert "| realistic | train |" not in text  # the README gets the overall rows, the md every group
+    assert "| realistic | train | trained | fd x1 | 3 |" in (tmp_path / "meta-grad-fidelity.md").read_text()
