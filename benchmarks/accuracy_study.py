@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -756,6 +757,7 @@ def stage_report(study: Study) -> dict:
         "by_length": by_length,
         "by_depth": by_depth,
         "learning_curve": curve,
+        "answers": answer_spread(records),
         "meta_training": [{k: r.get(k) for k in ("step", "loss", "inner_first", "inner_last", "inner_lr", "seconds")}
                           for r in metrics if r.get("phase") == "perk"],
         "probes": probes,
@@ -777,6 +779,24 @@ def stage_report(study: Study) -> dict:
         print(f"report: {readme}'s {name} section rewritten", flush=True)
     print(f"report: {out / name}.{{json,md}}", flush=True)
     return payload
+
+
+def answer_spread(records: list[dict]) -> dict:
+    """Per method, over every cell: how many distinct answers it gave and its most common one. A
+    method that answers the same to every problem has learned a prior, not to read the context."""
+    spread = {}
+    for method in sorted({r["method"] for r in records}):
+        answers = Counter(r["prediction"].strip() for r in records if r["method"] == method)
+        top, count = answers.most_common(1)[0]
+        spread[method] = {"n": sum(answers.values()), "distinct": len(answers), "most_common": top,
+                          "most_common_count": count}
+    return spread
+
+
+def answers_sentence(spread: dict) -> str:
+    return "Answers given, over every cell: " + "; ".join(
+        f"{method} {s['distinct']} distinct in {s['n']} (most often {s['most_common']!r}, {s['most_common_count']} times)"
+        for method, s in spread.items()) + "."
 
 
 def _read_json(path: Path) -> dict | None:
@@ -808,6 +828,8 @@ def report_markdown(study: Study, payload: dict) -> str:
 
     lines += section("Accuracy vs context length", payload["by_length"], "vs-length")
     lines += section("Accuracy vs depth", payload["by_depth"], "vs-depth")
+    if payload["answers"]:
+        lines += ["", answers_sentence(payload["answers"])]
     lines += ["", "## Learning curve (PERK, training length)", "", "| meta-step | n | exact match |", "|---|---|---|"]
     lines += [f"| {p['step']} | {p['n']} | {p['exact_match']:.1f} |" for p in payload["learning_curve"]]
     lines += (["", f"![learning curve]({name}-curve.png)"] if payload["learning_curve"] else [])
@@ -864,6 +886,8 @@ def readme_markdown(study: Study, payload: dict, readme_dir: Path) -> str:
             cells = [by_depth.get((method, d)) for d in depths]
             lines.append(f"| {method} | " + " | ".join(
                 "not run" if r is None else f"{r['exact_match']:.0f} % (n={r['n']})" for r in cells) + " |")
+    if payload["answers"]:
+        lines += ["", answers_sentence(payload["answers"])]
     curve = payload["learning_curve"]
     if curve:
         lines += ["", "Learning curve (PERK's held-out exact match at the training length): " + ", ".join(

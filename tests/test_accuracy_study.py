@@ -93,6 +93,11 @@ def test_all_stages_write_results_plots_and_timings(finished_study):
     for record in report["predictions"]:
         questions.setdefault((record["length"], record["depth_pct"], record["index"]), set()).add(record["question"])
     assert all(len(q) == 1 for q in questions.values())
+    for method, spread in report["answers"].items():
+        answers = [r["prediction"].strip() for r in report["predictions"] if r["method"] == method]
+        assert spread["n"] == len(answers) and spread["distinct"] == len(set(answers))
+        assert spread["most_common_count"] == answers.count(spread["most_common"]) == max(map(answers.count, answers))
+    assert "Answers given, over every cell: ftic " in (results / "tiny-study.md").read_text()
     # choices dropped past choice_up_to_tokens
     assert all((r["choice_accuracy"] is None) == (r["length_tokens"] > 1000) for r in report["by_length"])
     # learning curve: the initial meta-parameters, then each of the 2 PERK checkpoints
