@@ -746,7 +746,7 @@ def stage_report(study: Study) -> dict:
         if group:
             curve.append({"step": step, "n": len(group), "exact_match": 100.0 * sum(r["exact_match"] for r in group) / len(group)})
     metrics = read_jsonl(study.run_dir / METRICS)
-    probes = _read_json(out / f"{name}-probes.json")
+    probes = (_read_json(out / f"{name}-probes.json") or {}).get("probes")  # the file has its provenance beside them
     cost = _read_json(out / f"{name}-cost.json")
     payload = {
         **provenance(study),

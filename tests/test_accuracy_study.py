@@ -248,6 +248,11 @@ def test_cost_and_probe_stages_write_their_results(tiny_model_dir, tmp_path):
     assert probes["lower-inner-lr"]["overrides"] == {"perk.inner_lr": 0.3} and probes["lower-inner-lr"]["steps"] == 2
     saved = yaml.safe_load((tmp_path / "runs" / "tiny-run-probe-lower-inner-lr" / "config.yaml").read_text())
     assert saved["perk"]["inner_lr"] == 0.3 and saved["meta_steps"] == 2
+    assert main(["--config", str(path), "--stage", "report"]) == 0  # the report shows the probes and the cost model
+    report = json.loads((tmp_path / "results" / "tiny-study.json").read_text())
+    assert report["probes"] == probes and report["cost"]["plan_seconds"] == plan
+    markdown = (tmp_path / "results" / "tiny-study.md").read_text()
+    assert "## Recipe probes" in markdown and "| lower-inner-lr | perk.inner_lr=0.3 | 2 |" in markdown
 
 
 @pytest.mark.slow
