@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from benchmarks import accuracy_study
-from benchmarks.accuracy_study import main, read_jsonl
+from benchmarks.accuracy_study import main, read_jsonl, targets
 from perk.cli import UsageError
 from perk.engine import WEIGHTS_NAME, PerkModel
 from perk.checkpoint import read_safetensors
@@ -264,3 +264,13 @@ def test_committed_export_loads_with_the_embedded_smollm2(smollm2_gguf):
     assert sum(f.stat().st_size for f in COMMITTED_EXPORT.rglob("*") if f.is_file()) <= 12e6
     memory = pm.encode([["doc_0: Mary Event 1: Mary went to the kitchen."]])
     assert isinstance(pm.answer(memory, "Where is Mary?", max_new_tokens=4), str)
+
+
+def test_equal_depth_scores_from_one_answer_to_all_do_not_meet_the_depth_target():
+    length_rows = [{"method": m, "length_tokens": n, "exact_match": e} for m, n, e in
+                   (("perk", 256, 8.0), ("ftic", 256, 84.0), ("perk", 4096, 8.0), ("ftic", 4096, 72.0))]
+    depth_rows = [{"method": "perk", "depth_pct": d, "exact_match": 8.0} for d in (0, 50, 100)]
+    depth = {answers: targets(length_rows, depth_rows, 256, 16, (), answers)[-1] for answers in (1, 4)}
+    assert depth[1]["met"] is None and "one answer to every depth problem" in depth[1]["reached"]
+    assert depth[4]["met"] is True and depth[4]["reached"] == "0.0"
+    assert [t["met"] for t in targets(length_rows, depth_rows, 256, 16, (), 4)[:3]] == [False, False, False]
