@@ -59,6 +59,7 @@ FD_STEP_SCALE = 0.04
 # contexts of 42-47 tokens needed them, 256-token ones did not; nothing was measured in between.
 FLOAT32_BELOW_TOKENS = 128
 _warned_adam_constants = False
+_warned_short_contexts = False
 
 
 def fd_step(phi: torch.Tensor, compute_dtype: torch.dtype, fd_epsilon: float | None = None) -> torch.Tensor:
@@ -177,6 +178,27 @@ def walk_back(
     return MetaGradient(v.sum(0), lr_grad.sum(1), token_grad)
 
 
+def warn_short_contexts(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch) -> None:
+    """Warn once per process where a bf16/fp16 meta-gradient cannot be trusted: contexts under
+    :data:`FLOAT32_BELOW_TOKENS` tokens per adapter. There the fp32 meta-gradient is sensitive to
+    the rounding of the first inner steps (measured: cosines near 0 for every bf16 mode, ``exact``
+    included, at a meta-trained θ), which the fp32 passes of ``fd`` do not reach."""
+    global _warned_short_contexts
+    if (_warned_short_contexts or config.meta_grad == "first_order"
+            or adapted.model.dtype not in (torch.bfloat16, torch.float16)
+            or int(segments.tokens_per_adapter().min()) >= FLOAT32_BELOW_TOKENS):
+        return
+    _warned_short_contexts = True
+    warnings.warn(
+        f"a context of under {FLOAT32_BELOW_TOKENS} tokens with a {str(adapted.model.dtype).removeprefix('torch.')} "
+        "base model: the meta-gradient there can be far from its fp32 value whatever the mode (its first inner "
+        "steps' rounding changes it; benchmarks/results/meta-grad-fidelity.md); a float32 base model "
+        "(--base_dtype float32) computes it in fp32",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def meta_gradient(
     adapted: AdaptedModel,
     config: PerkConfig,
@@ -193,6 +215,7 @@ def meta_gradient(
     through the unrolled steps (``exact``). Row r of ``answers`` is asked of adapter r's context.
     """
     warn_adam_constants(config)
+    warn_short_contexts(adapted, config, segments)
     init, lr = init.detach(), lr.detach()
     token_weights = None if token_weights is None else token_weights.detach()
     mode = _exact if config.meta_grad == "exact" else _walk_back

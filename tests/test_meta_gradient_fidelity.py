@@ -243,6 +243,25 @@ def test_adamw_warns_once_that_its_statistics_are_constants(monkeypatch):
         perk.encode(PROBLEMS[0]["context"])
 
 
+def test_short_contexts_in_bf16_warn_once_that_the_meta_gradient_is_unreliable(monkeypatch):
+    monkeypatch.setattr(meta_gradient, "_warned_short_contexts", False)
+    fp32 = make_perk("llama", dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp32.meta_gradient(PROBLEMS)  # fp32 base: nothing to warn of
+    perk = make_perk("llama", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        perk.config.meta_grad = "first_order"  # no Hessian term to lose
+        perk.meta_gradient(PROBLEMS)
+    perk.config.meta_grad = "fd"
+    with pytest.warns(RuntimeWarning, match="under 128 tokens with a bfloat16 base model"):
+        perk.meta_gradient(PROBLEMS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        perk.meta_gradient(PROBLEMS)
+
+
 def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
     def case(family, cosines, seconds, load):
         modes = {mode: {"cosine adapter_init": c, "cosine inner_lr_log": c, "rel_error adapter_init": 1 - c,
