@@ -281,6 +281,6 @@ def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
     assert realistic["median seconds idle"] == 10.0  # the loaded case (6.0) and the unrecorded one are left out
     assert rows[("tiny", "train", "exact")]["median cosine adapter_init"] == pytest.approx(0.9)
     text = readme.read_text()
-    assert "| realistic | all | all | fd x1 | 3 | 0.970 / " in text and "| tiny | all | all | fd x1 | 1 | 0.500 / " in text
-    assert "| realistic | train |" not in text  # the README gets the overall rows, the md every group
+    assert "| realistic | all | trained | fd x1 | 3 | 0.970 / " in text and "| tiny | all | trained | fd x1 | 1 | 0.500 / " in text
+    assert "| realistic | train |" not in text  # the README gets the rows over every setting, the md every group
     assert "| realistic | train | trained | fd x1 | 3 |" in (tmp_path / "meta-grad-fidelity.md").read_text()
