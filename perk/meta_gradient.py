@@ -178,15 +178,23 @@ def walk_back(
     return MetaGradient(v.sum(0), lr_grad.sum(1), token_grad)
 
 
+def low_precision(adapted: AdaptedModel) -> bool:
+    return adapted.model.dtype in (torch.bfloat16, torch.float16)
+
+
+def short_in_low_precision(adapted: AdaptedModel, segments: TokenBatch) -> bool:
+    """A bf16/fp16 base model and an adapter with fewer than :data:`FLOAT32_BELOW_TOKENS` context
+    tokens: where bf16 meta-gradients lose their Hessian term (float32_from, warn_short_contexts)."""
+    return low_precision(adapted) and int(segments.tokens_per_adapter().min()) < FLOAT32_BELOW_TOKENS
+
+
 def warn_short_contexts(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch) -> None:
     """Warn once per process where a bf16/fp16 meta-gradient cannot be trusted: contexts under
     :data:`FLOAT32_BELOW_TOKENS` tokens per adapter. There the fp32 meta-gradient is sensitive to
     the rounding of the first inner steps (measured: cosines near 0 for every bf16 mode, ``exact``
     included, at a meta-trained θ), which the fp32 passes of ``fd`` do not reach."""
     global _warned_short_contexts
-    if (_warned_short_contexts or config.meta_grad == "first_order"
-            or adapted.model.dtype not in (torch.bfloat16, torch.float16)
-            or int(segments.tokens_per_adapter().min()) >= FLOAT32_BELOW_TOKENS):
+    if _warned_short_contexts or config.meta_grad == "first_order" or not short_in_low_precision(adapted, segments):
         return
     _warned_short_contexts = True
     warnings.warn(
@@ -233,9 +241,9 @@ def float32_from(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch
     than the bf16 step ε resolves; the fp32 passes recover most, not all, of the fidelity lost there
     (measurements: ``benchmarks/results/meta-grad-fidelity.md``).
     """
-    if adapted.model.dtype not in (torch.bfloat16, torch.float16) or config.fd_float32 == "never":
+    if not low_precision(adapted) or config.fd_float32 == "never":
         return None
-    if config.fd_float32 == "auto" and int(segments.tokens_per_adapter().min()) >= FLOAT32_BELOW_TOKENS:
+    if config.fd_float32 == "auto" and not short_in_low_precision(adapted, segments):
         return None
     return config.inner_steps - config.unroll_steps
 
