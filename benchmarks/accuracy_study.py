@@ -760,7 +760,7 @@ def stage_report(study: Study) -> dict:
         "study": config_to_dict(study.config),
         "seconds": timings(study),
         "targets": targets(by_length, by_depth, base, max(study.config.eval.length_multiples), study.config.eval.extra_lengths,
-                           len({r["prediction"].strip() for r in records if r["method"] == "perk" and r["depth_pct"] is not None})),
+                           answer_spread([r for r in records if r["depth_pct"] is not None]).get("perk", {}).get("distinct")),
         "by_length": by_length,
         "by_depth": by_depth,
         "learning_curve": curve,
