@@ -18,8 +18,10 @@ at the end, the held-out exact match of greedy answers. The arms advance step by
 the run is resumable: each arm's meta-parameters and Adam state are saved after every step under
 ``--work`` and every result is a line of ``progress.jsonl`` there, so ``--max_minutes`` can cut it
 into chunks (rerun the same command to continue). When every arm is done it writes
-``meta-grad-convergence.{json,md,png}`` under ``--out``: the tolerance is the mean absolute gap
-to the reference curve ≤ 5% of the reference's drop (start to its lowest point).
+``meta-grad-convergence.{json,md,png}`` under ``--out`` and README.md's generated section
+(``--report`` writes them from the steps every arm has finished so far, marked partial): the
+tolerance is the mean absolute gap to the reference curve ≤ 5% of the reference's drop (start to
+its lowest point).
 """
 
 from __future__ import annotations
@@ -29,17 +31,22 @@ import copy
 import dataclasses
 import datetime
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.report import (
+    README,
+    cpu_name,
+    git_commit,
+    markdown_table,
+    write_readme_section,
+)
 from perk import PerkModel
-from perk.models import load_base_model
 from perk.config import TrainConfig
+from perk.models import load_base_model
 from perk.tasks import generate
 from perk.tasks.scoring import exact_match
 
@@ -65,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_minutes", type=float, default=None, help="stop (resumably) after about this long")
     parser.add_argument("--work", type=Path, default=Path("runs/meta-grad-convergence"), help="resumable state")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true",
+                        help="only write the report from --work's progress (of the steps every arm finished)")
     return parser.parse_args(argv)
 
 
@@ -129,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     progress_file = args.work / "progress.jsonl"
     # --steps may grow between chunks: problem i of a seed does not depend on how many are generated.
-    settings = {k: v for k, v in vars(args).items() if k not in ("steps", "max_minutes", "work", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("steps", "max_minutes", "work", "out", "report")}
     settings_file = args.work / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != json.loads(json.dumps(settings, default=str)):
         raise SystemExit(f"{args.work} holds a study with other settings; remove it or pass another --work")
     settings_file.write_text(json.dumps(settings, default=str, indent=2))
     progress = read_progress(progress_file)
+    if args.report:
+        write_report(args, progress)
+        return 0
 
     def record(entry: dict) -> None:
         progress.append(entry)
@@ -187,52 +199,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(args: argparse.Namespace, progress: list[dict]) -> None:
-    """json + md + png of a finished study from its progress lines."""
-    curves = {name: [None] * (args.steps + 1) for name in ARMS}
+def completed_steps(progress: list[dict]) -> int:
+    """The last step every arm has finished (the steps before it too)."""
+    finished = {(p["arm"], p["step"]) for p in progress if p["kind"] == "step"}
+    step = 0
+    while all((name, step + 1) in finished for name in ARMS):
+        step += 1
+    return step
+
+
+def write_report(args: argparse.Namespace, progress: list[dict], readme: Path = README) -> dict:
+    """json + md + png, and README.md's ``meta-grad-convergence`` section, from the progress
+    lines: of the steps every arm has finished (a partial study says so). Returns the summary."""
+    steps = completed_steps(progress)
+    curves = {name: [None] * (steps + 1) for name in ARMS}
     matches, seconds = {}, {name: [] for name in ARMS}
     for p in progress:
-        if p["kind"] in ("step", "held_out"):
+        if p["kind"] in ("step", "held_out") and p["step"] <= steps:
             curves[p["arm"]][p["step"]] = p["held_out_loss"]
-        if p["kind"] == "step":
+        if p["kind"] == "step" and p["step"] <= steps:
             seconds[p["arm"]].append(p["step_seconds"])
-        if p["kind"] == "exact_match":
+        if p["kind"] == "exact_match" and p["step"] == steps:
             matches[p["arm"]] = p["exact_match"]
     reference = curves[REFERENCE]
     drop = reference[0] - min(reference)
+    if drop <= 0:
+        raise SystemExit(f"the reference's held-out meta-loss did not decrease over {steps} steps: nothing to track")
     gaps = {name: sum(abs(a - b) for a, b in zip(curve, reference)) / len(curve) / drop for name, curve in curves.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    drops = {name: (curve[0] - min(curve)) / drop for name, curve in curves.items()}
+    commit = git_commit()
     command = "python -m benchmarks.meta_grad_convergence " + " ".join(sys.argv[1:])
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     date = datetime.date.today().isoformat()
+    partial = steps < args.steps
+    summary = {"steps": steps, "partial": partial, "gap_over_drop": gaps, "drop_over_reference_drop": drops,
+               "exact_match": matches, "mean_step_seconds": {k: sum(v) / len(v) for k, v in seconds.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "meta-grad-convergence"
-    settings = {k: v for k, v in vars(args).items() if k not in ("max_minutes", "work", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("max_minutes", "work", "out", "report")}
     stem.with_suffix(".json").write_text(json.dumps(
         {"date": date, "commit": commit, "command": command, "machine": machine, "settings": settings,
-         "perk_config": dataclasses.asdict(TrainConfig().perk), "curves": curves, "exact_match": matches,
-         "mean_step_seconds": {k: sum(v) / len(v) for k, v in seconds.items()}, "gap_over_drop": gaps,
+         "perk_config": dataclasses.asdict(TrainConfig().perk), "curves": curves, **summary,
          "tolerance": TOLERANCE, "progress": progress}, indent=1, default=str))
-    lines = [
-        f"# Meta-training with bf16 meta-gradients vs fp32 exact ({date}, commit {commit})", "",
+    title = f"Meta-training with bf16 meta-gradients vs fp32 exact ({date}, commit {commit})"
+    setup = (
         f"`{command}` on {machine}. SmolLM2-135M (real weights), `perk.train`'s engine configuration (rank 16, "
-        f"N=4 SGD steps clipped at 1.0, T=1, inner lr 0.7, 128-token segments); {args.steps} Adam meta-steps "
-        f"(θ {args.meta_lr:g}, log-rates {args.rates_meta_lr:g}, {args.warmup} warm-up steps then constant, "
+        f"N=4 SGD steps clipped at 1.0, T=1, inner lr 0.7, 128-token segments); {steps} Adam meta-steps"
+        + (f" (**partial: {steps} of {args.steps}**)" if partial else "")
+        + f" (θ {args.meta_lr:g}, log-rates {args.rates_meta_lr:g}, {args.warmup} warm-up steps then constant, "
         f"gradient norm clipped at 1.0) on the same meta-batches of {args.batch} babilong/qa1 problems "
         f"of {args.context_tokens} tokens for every arm. Every curve value is the fp32 meta-loss of the arm's "
-        f"meta-parameters on the same {args.held_out} held-out problems (seed 1).", "",
-        f"Tolerance: mean |gap| to the reference curve ≤ {TOLERANCE:.0%} of the reference's drop "
-        f"({drop:.4f} nats, start to its lowest point).", "",
-        "| arm | start | lowest | end | mean gap / drop | within tolerance | held-out exact match | s / meta-step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        f"meta-parameters on the same {args.held_out} held-out problems (seed 1).")
+    tolerance = (f"Tolerance: mean |gap| to the reference curve ≤ {TOLERANCE:.0%} of the reference's drop "
+                 f"({drop:.4f} nats, start to its lowest point).")
+    rows = []
     for name, curve in curves.items():
         within = "reference" if name == REFERENCE else ("yes" if gaps[name] <= TOLERANCE else "no")
-        lines.append(f"| {name} | {curve[0]:.4f} | {min(curve):.4f} | {curve[-1]:.4f} | {gaps[name]:.3f} | {within} "
-                     f"| {matches[name]:.3f} | {sum(seconds[name]) / len(seconds[name]):.0f} |")
-    lines += ["", "| step | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS)]
-    lines += [f"| {s} | " + " | ".join(f"{curves[n][s]:.4f}" for n in ARMS) + " |" for s in range(args.steps + 1)]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        match = f"{matches[name]:.3f}" if name in matches else "–"
+        rows.append([name, f"{curve[0]:.4f}", f"{min(curve):.4f}", f"{curve[-1]:.4f}", f"{drops[name]:.2f}",
+                     f"{gaps[name]:.3f}", within, match, f"{summary['mean_step_seconds'][name]:.0f}"])
+    table = markdown_table(["arm", "start", "lowest", "end", "drop / reference's", "mean gap / drop",
+                            "within tolerance", "held-out exact match", "s / meta-step"], rows)
+    verdicts = [f"{name}: mean gap {gaps[name]:.1%} of the reference's drop, "
+                f"{'within' if gaps[name] <= TOLERANCE else 'outside'} the {TOLERANCE:.0%} tolerance; "
+                f"it reaches {drops[name]:.0%} of the reference's drop." for name in ARMS if name != REFERENCE]
+    per_step = markdown_table(["step", *ARMS], [[str(s), *(f"{curves[n][s]:.4f}" for n in ARMS)] for s in range(steps + 1)])
+    stem.with_suffix(".md").write_text("\n\n".join([f"# {title}", setup, tolerance, table, "\n".join(verdicts), per_step]) + "\n")
+    write_readme_section("meta-grad-convergence", "\n\n".join([
+        f"Generated by `{command}` (commit {commit}, {date}; {machine}) into "
+        "[benchmarks/results/meta-grad-convergence.md](benchmarks/results/meta-grad-convergence.md)"
+        + (f", **partial: {steps} of {args.steps} steps**" if partial else "") + ".",
+        tolerance, table, "\n".join(f"- {v}" for v in verdicts),
+        "![held-out meta-loss per meta-step, three arms](benchmarks/results/meta-grad-convergence.png)"]), readme)
 
     import matplotlib
 
@@ -247,7 +285,9 @@ def write_report(args: argparse.Namespace, progress: list[dict]) -> None:
     axes.legend()
     figure.tight_layout()
     figure.savefig(stem.with_suffix(".png"), dpi=120)
-    print("\n".join(lines))
+    plt.close(figure)
+    print(table + "\n" + "\n".join(verdicts))
+    return summary
 
 
 if __name__ == "__main__":

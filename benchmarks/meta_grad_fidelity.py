@@ -42,19 +42,18 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 import perk.meta_gradient as meta_gradient_module
-from benchmarks.report import README, cpu_name, write_readme_section
+from benchmarks.report import README, cpu_name, git_commit, write_readme_section
 from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import cosine, percentile, relative_error
+from perk.config import TrainConfig
 from perk.inner_loop import inner_loop
 from perk.models import load_base_model
-from perk.config import TrainConfig
 from perk.tasks import generate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         done = {(c["family"], c["problem"], c["setting"], c["theta"]) for c in map(json.loads, lines_file.open())}
     base, tokenizer = load_base_model("smollm2-135m", dtype=torch.float32)
     trained = load_trained(args.trained) if args.trained.exists() else None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     problems = {f: family_problems(f, args.problems, tokenizer) for f in args.families.split(",")}
     for setting_name in args.settings.split(","):
         setting = None

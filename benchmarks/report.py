@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,12 @@ def cpu_name() -> str:
     name = name or platform.processor() or platform.machine()
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     return name + (f" (native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'})" if flags else "")
+
+
+def git_commit() -> str:
+    """The checkout's short commit, the results files' provenance ('' outside a git checkout)."""
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True)
+    return run.stdout.strip()
 
 
 def write_readme_section(name: str, text: str, readme: Path = README) -> bool:
