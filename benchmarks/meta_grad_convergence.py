@@ -228,7 +228,8 @@ def write_report(args: argparse.Namespace, progress: list[dict], readme: Path = 
     gaps = {name: sum(abs(a - b) for a, b in zip(curve, reference)) / len(curve) / drop for name, curve in curves.items()}
     drops = {name: (curve[0] - min(curve)) / drop for name, curve in curves.items()}
     commit = git_commit()
-    command = "python -m benchmarks.meta_grad_convergence " + " ".join(sys.argv[1:])
+    # the study's command (a --report rerun writes the same files from its progress)
+    command = "python -m benchmarks.meta_grad_convergence " + " ".join(a for a in sys.argv[1:] if a != "--report")
     machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     date = datetime.date.today().isoformat()
     partial = steps < args.steps
