@@ -58,6 +58,8 @@ ARMS = {  # name: (base dtype, meta_grad)
 REFERENCE, DEFAULT = "exact-fp32", "fd-bf16"
 TOLERANCE = 0.05  # mean |gap| to the reference curve, as a fraction of the reference's drop
 RESULTS = Path(__file__).resolve().parent / "results"
+# options of one invocation, not of the study (--steps may also grow between chunks)
+INVOCATION_OPTIONS = ("max_minutes", "work", "out", "report")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     progress_file = args.work / "progress.jsonl"
     # --steps may grow between chunks: problem i of a seed does not depend on how many are generated.
-    settings = {k: v for k, v in vars(args).items() if k not in ("steps", "max_minutes", "work", "out", "report")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("steps", *INVOCATION_OPTIONS)}
     settings_file = args.work / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != json.loads(json.dumps(settings, default=str)):
         raise SystemExit(f"{args.work} holds a study with other settings; remove it or pass another --work")
@@ -211,6 +213,8 @@ def completed_steps(progress: list[dict]) -> int:
 def write_report(args: argparse.Namespace, progress: list[dict], readme: Path = README) -> dict:
     """json + md + png, and README.md's ``meta-grad-convergence`` section, from the progress
     lines: of the steps every arm has finished (a partial study says so). Returns the summary."""
+    if not progress:
+        raise SystemExit(f"no progress under {args.work}: run the study first (the same command without --report)")
     steps = completed_steps(progress)
     curves = {name: [None] * (steps + 1) for name in ARMS}
     matches, seconds = {}, {name: [] for name in ARMS}
@@ -237,7 +241,7 @@ def write_report(args: argparse.Namespace, progress: list[dict], readme: Path = 
                "exact_match": matches, "mean_step_seconds": {k: sum(v) / len(v) for k, v in seconds.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "meta-grad-convergence"
-    settings = {k: v for k, v in vars(args).items() if k not in ("max_minutes", "work", "out", "report")}
+    settings = {k: v for k, v in vars(args).items() if k not in INVOCATION_OPTIONS}
     stem.with_suffix(".json").write_text(json.dumps(
         {"date": date, "commit": commit, "command": command, "machine": machine, "settings": settings,
          "perk_config": dataclasses.asdict(TrainConfig().perk), "curves": curves, **summary,

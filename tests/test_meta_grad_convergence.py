@@ -53,6 +53,11 @@ def test_a_partial_study_reports_the_steps_every_arm_finished(tmp_path):
     assert "| first_order-bf16 | 6.0000 | 5.5000 | 5.5000 | 0.50 | 0.250 | no | – |" in readme.read_text()
 
 
+def test_a_report_without_progress_says_to_run_the_study(tmp_path):
+    with pytest.raises(SystemExit, match="no progress"):
+        write_report(parse_args(["--out", str(tmp_path)]), [], tmp_path / "README.md")
+
+
 def test_a_reference_that_never_decreases_is_an_error_not_a_ratio(tmp_path):
     curves = {name: [6.0, 6.5] for name in ("exact-fp32", "fd-bf16", "first_order-bf16")}
     with pytest.raises(SystemExit, match="did not decrease"):
