@@ -50,11 +50,13 @@ import torch
 import perk.meta_gradient as meta_gradient_module
 from benchmarks.report import README, cpu_name, git_commit, write_readme_section
 from perk import PerkConfig, PerkModel
+from perk.bf16_emulation import emulate_bf16_matmuls
 from perk.check_meta_grad import cosine, percentile, relative_error
 from perk.config import TrainConfig
 from perk.inner_loop import inner_loop
-from perk.models import load_base_model
+from perk.models import cpu_has_native_bf16, load_base_model
 from perk.tasks import generate
+from perk.tasks.io import write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEM = "meta-grad-fidelity"
@@ -68,9 +70,14 @@ SETTINGS = {
 THETAS = ("init", "B-perturbed", "trained")
 FD_SCALES = (0.5, 1.0, 2.0)
 B_SIGMA = 0.02
+STABILITY_SEED = 7
 # A case's seconds count as an idle machine's where the 1-minute load average after it is at most
 # this: its own 2 threads on the 2 cores, nothing else (cases before load_average was recorded ran beside other jobs).
 IDLE_LOAD = 2.5
+# Without native bf16 dot products torch's bf16 CPU matmuls are tens of times slower than fp32 ones;
+# there the bf16 products run as fp32 GEMMs with a native bf16 GEMM's rounding (perk.bf16_emulation).
+EMULATED = not cpu_has_native_bf16()
+BF16_MATMULS = "emulated (fp32 GEMMs, bf16 rounding)" if EMULATED else "torch"
 PARAMETERS = ("adapter_init", "inner_lr_log")
 README_MODES = ("exact", "fd x1", "fd-fp32-last", "first_order")  # the README's table; the md has every mode
 NAMES = ("Mary", "John", "Sandra", "Daniel", "Emma", "Oliver", "Lucy", "Peter")
@@ -145,7 +152,7 @@ def load_params(model: PerkModel, params: dict[str, torch.Tensor]) -> None:
 def gradient(model: PerkModel, problem: dict, mode: str, fd_float32: str = "auto", fd_scale: float = 1.0) -> tuple[dict, float]:
     model.config.meta_grad, model.config.fd_float32 = mode, fd_float32
     start = time.perf_counter()
-    with meta_gradient_module.scaled_fd_step(fd_scale):
+    with meta_gradient_module.scaled_fd_step(fd_scale), emulate_bf16_matmuls(EMULATED and model.model.dtype == torch.bfloat16):
         _, grads, _ = model.meta_gradient([problem])
     return grads, time.perf_counter() - start
 
@@ -165,7 +172,8 @@ def run_case(setting: Setting, problem: dict, params: dict) -> dict:
     load_params(setting.reference, params)
     load_params(setting.bf16, params)
     want, seconds = gradient(setting.reference, problem, "exact")
-    case = {"reference_seconds": seconds, **inner_diagnostics(setting.reference, problem)}
+    case = {"reference_seconds": seconds, **inner_diagnostics(setting.reference, problem),
+            "reference_stability": reference_stability(setting, problem, params, want)}
     first_order, _ = gradient(setting.reference, problem, "first_order")
     case["reference_norm"] = {k: float(want[k].norm()) for k in PARAMETERS}
     case["hessian_share"] = {k: relative_error(want[k], first_order[k]) for k in PARAMETERS}
@@ -189,6 +197,23 @@ def run_case(setting: Setting, problem: dict, params: dict) -> dict:
     return case
 
 
+def reference_stability(setting: Setting, problem: dict, params: dict, want: dict) -> dict:
+    """How far the fp32 reference moves when θ and the rates move by a bf16 rounding: the cosine of
+    fp32 ``exact`` at each entry scaled by (1 + 2⁻⁸·u), u ~ U(-1, 1), to ``want`` (fp32 ``exact`` at
+    θ). Near 1 the reference is a smooth function of the state, so a bf16 mode far from it lost
+    precision; far below 1 the meta-gradient changes on the scale of bf16 rounding itself, and no
+    bf16 computation of the inner loop can be expected to reproduce it."""
+    generator = torch.Generator().manual_seed(STABILITY_SEED)
+    perturbed = {k: v * (1 + 2 ** -8 * (2 * torch.rand(v.shape, generator=generator, dtype=v.dtype) - 1))
+                 for k, v in params.items()}
+    load_params(setting.reference, perturbed)
+    try:
+        moved, _ = gradient(setting.reference, problem, "exact")
+    finally:
+        load_params(setting.reference, params)
+    return {k: cosine(moved[k], want[k]) for k in PARAMETERS}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=5, help="problems per family")
@@ -201,6 +226,9 @@ def parse_args(argv):
     parser.add_argument("--max_minutes", type=float, default=None, help="stop (resumably) after about this long")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="only summarise the cases run so far")
+    parser.add_argument("--add_stability", action="store_true",
+                        help="add reference_stability to the recorded cases (of the selected families, settings "
+                             "and θs) that ran before it was measured")
     return parser.parse_args(argv)
 
 
@@ -218,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     trained = load_trained(args.trained) if args.trained.exists() else None
     commit = git_commit()
     problems = {f: family_problems(f, args.problems, tokenizer) for f in args.families.split(",")}
+    if args.add_stability:
+        add_stability(args, lines_file, base, tokenizer, trained, problems)
+        return 0
     for setting_name in args.settings.split(","):
         setting = None
         for theta in args.thetas.split(","):
@@ -235,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                     case = {"family": family, "problem": index, "setting": setting_name, "theta": theta,
                             **run_case(setting, problem, params),
                             "commit": commit, "date": datetime.date.today().isoformat(),
-                            "load_average": os.getloadavg()[0],
+                            "load_average": os.getloadavg()[0], "bf16_matmuls": BF16_MATMULS,
                             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads"}
                     with lines_file.open("a") as f:
                         f.write(json.dumps(case) + "\n")
@@ -246,6 +277,27 @@ def main(argv: list[str] | None = None) -> int:
                           f"{case['modes']['exact']['cosine adapter_init']:.3f}; "
                           f"{time.perf_counter() - start:.0f} s", flush=True)
     return 0
+
+
+def add_stability(args, lines_file: Path, base, tokenizer, trained, problems: dict) -> None:
+    """Measure :func:`reference_stability` for the selected recorded cases that lack it, rewriting
+    the file after each (resumable like the run)."""
+    cases = [json.loads(line) for line in lines_file.read_text().splitlines()]
+    settings: dict[str, Setting] = {}
+    for case in cases:
+        if ("reference_stability" in case or case["setting"] not in args.settings.split(",")
+                or case["theta"] not in args.thetas.split(",") or case["family"] not in problems
+                or case["problem"] >= len(problems[case["family"]])):
+            continue
+        setting = settings.setdefault(case["setting"], Setting(case["setting"], base, tokenizer))
+        problem, params = problems[case["family"]][case["problem"]], setting.theta(case["theta"], case["problem"], trained)
+        load_params(setting.reference, params)
+        want, _ = gradient(setting.reference, problem, "exact")
+        case["reference_stability"] = reference_stability(setting, problem, params, want)
+        case["reference_stability_commit"] = git_commit()
+        write_jsonl(lines_file, cases)  # atomically: a kill mid-write leaves the previous file
+        print(f"{case['family']} #{case['problem']} {case['setting']} {case['theta']}: reference stability "
+              f"{case['reference_stability']}", flush=True)
 
 
 def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
@@ -266,15 +318,16 @@ def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
                 row[f"p10 cosine {k}"] = percentile(values, 0.1)
                 row[f"min cosine {k}"] = min(values)
                 row[f"median rel_error {k}"] = statistics.median(m["modes"][mode][f"rel_error {k}"] for m in members)
-            idle = [m["modes"][mode]["seconds"] for m in members if m.get("load_average", math.inf) <= IDLE_LOAD]
+            idle = [m["modes"][mode]["seconds"] for m in members
+                    if m.get("load_average", math.inf) <= IDLE_LOAD and m.get("bf16_matmuls", "torch") == "torch"]
             row["median seconds idle"] = statistics.median(idle) if idle else None
             summary.append(row)
     commits = sorted({c["commit"] for c in cases})
     meta = {"command": "python -m benchmarks.meta_grad_fidelity", "commits": commits,
-            "dates": sorted({c["date"] for c in cases}), "machine": cases[0]["machine"]}
+            "dates": sorted({c["date"] for c in cases}), "machines": sorted({c["machine"] for c in cases})}
     (out / f"{STEM}.json").write_text(json.dumps({**meta, "summary": summary}, indent=1))
     md = [f"# bf16 meta-gradient fidelity as a distribution ({', '.join(meta['dates'])})", "",
-          f"`{meta['command']}` (commits {', '.join(commits)}) on {meta['machine']}; SmolLM2-135M real weights; "
+          f"`{meta['command']}` (commits {', '.join(commits)}) on {'; '.join(meta['machines'])}; SmolLM2-135M real weights; "
           "cosine of each bf16 mode's gradient to `exact` in fp32 on the same bf16-rounded weights, per problem. "
           "Realistic: babilong/qa1 and student_records/recall contexts of 256 tokens; tiny: three short documents "
           "(~60 tokens). Raw cases (with inner losses, inner gradient norms, the fp32 meta-gradient's norm): "
@@ -282,7 +335,10 @@ def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
           "`fd x1` is the library's `fd` at the commit that ran the case (the cases of commit 34d0ef2 ran the "
           "branch's working tree before `perk.meta_gradient.float32_from` chose fp32 passes, so there it equals "
           "`fd-bf16`); `fd-fp32-last` is what the default now runs on contexts under "
-          "`perk.meta_gradient.FLOAT32_BELOW_TOKENS` tokens.", "",
+          "`perk.meta_gradient.FLOAT32_BELOW_TOKENS` tokens. Cases whose `bf16_matmuls` is `emulated` ran on a CPU "
+          "without native bf16, where torch's bf16 matmuls are tens of times slower than fp32 ones: their bf16 "
+          "matrix products ran as fp32 GEMMs on the exact operands, rounded to bf16 (`perk.bf16_emulation`, a "
+          "native bf16 GEMM's numerics); their seconds are left out of the cost column.", "",
           fidelity_table(summary, overall=False), ""]
     (out / f"{STEM}.md").write_text("\n".join(md))
     write_readme_section("fidelity-table", fidelity_table(summary, overall=True, modes=README_MODES), readme)

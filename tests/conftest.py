@@ -71,6 +71,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def native_bf16_matmuls():
+    """bf16 matrix products with a native bf16 GEMM's numerics: on a CPU without native bf16 dot
+    products, as fp32 GEMMs rounded to bf16 (perk.bf16_emulation), where torch's own bf16 kernel is
+    tens of times slower (SmolLM2-sized bf16 passes would take most of ``make test``)."""
+    from perk.bf16_emulation import emulate_bf16_matmuls
+    from perk.models import cpu_has_native_bf16
+
+    with emulate_bf16_matmuls(not cpu_has_native_bf16()):
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory):
     """(model, tokenizer) of the embedded SmolLM2-135M, de-quantised from its GGUF to fp32 once per

