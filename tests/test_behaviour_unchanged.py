@@ -54,7 +54,9 @@ def test_meta_gradient_equals_the_code_before(golden, mode):
     torch.testing.assert_close(loss.reshape(1), golden[f"{mode}.loss"], rtol=1e-10, atol=0)
     assert set(grads) == {k.split(".", 1)[1] for k in golden if k.startswith(f"{mode}.") and k != f"{mode}.loss"}
     for name, grad in grads.items():
-        # With the recording's thread count (2) the gradients are bit-identical; with one thread
-        # (make test's workers) the summation order moves them by up to 1e-8 (norm-relative).
+        # On the recording's machine and thread count (2) the gradients are bit-identical; another
+        # summation order (one thread, as make test's workers; another CPU's kernels) moves exact's
+        # by ~1e-8 (norm-relative) and fd's ~1e-6, its difference of two passes amplifying the
+        # rounding of the model's fp32 islands: a change of behaviour moves them by orders of magnitude more.
         want = golden[f"{mode}.{name}"]
-        assert float((grad - want).norm() / want.norm()) <= 1e-7, name
+        assert float((grad - want).norm() / want.norm()) <= (1e-5 if mode == "fd" else 3e-7), name

@@ -214,7 +214,9 @@ def test_exact_mode_switches_sdpa_models_to_eager_and_back():
     perk.config.meta_grad = "fd"
     _, fd, _ = perk.meta_gradient(problems)
     for name in exact:
-        torch.testing.assert_close(fd[name], exact[name], rtol=2e-2, atol=1e-5)
+        # fd's error in fp32 is spread over the whole vector (norm-relative 4e-5 here), not bounded per
+        # entry: its small entries can be a few % off (2.8 % on one of 4096 with AVX2 kernels)
+        assert float((fd[name] - exact[name]).norm() / exact[name].norm()) <= 1e-3, name
 
 
 class SavedTensorPeak:
