@@ -76,6 +76,7 @@ class Report:
     size: str
     date: str
     commands: list[str]
+    provenance: list[str]  # per file: commit, time, machine
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,13 @@ def _result(entry: dict) -> Result:
 
 def load(paths: Iterable[str | Path]) -> Report:
     """Read one or more pytest-benchmark JSON files (e.g. a suite split over several runs)."""
-    results, others, devices, sizes, dates, commands = [], [], set(), set(), [], []
+    results, others, devices, sizes, dates, commands, provenance = [], [], set(), set(), [], [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "benchmarks" not in data:
             raise ValueError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks')")
         dates.append(str(data.get("datetime", ""))[:10])
+        provenance.append(_provenance(Path(path).name, data))
         if data.get("command"):
             commands.append(data["command"])
         for entry in data["benchmarks"]:
@@ -116,8 +118,19 @@ def load(paths: Iterable[str | Path]) -> Report:
                 others.append(entry)
     return Report(
         results, others, ", ".join(sorted(devices)) or "?", ", ".join(sorted(sizes)) or "?",
-        max(dates) if dates else "?", commands,
+        max(dates) if dates else "?", commands, provenance,
     )
+
+
+def _provenance(name: str, data: dict) -> str:
+    """``NAME: commit C, TIME, CPU (cores, native bf16)`` from pytest-benchmark's commit and machine info."""
+    commit, machine = data.get("commit_info", {}), data.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    flags = set(cpu.get("flags", []))
+    bf16 = f", native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'}" if flags else ""
+    return (f"{name}: commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, "
+            f"{data.get('datetime', '?')}, {cpu.get('brand_raw') or machine.get('processor') or '?'} "
+            f"({cpu.get('count', '?')} cores{bf16})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +442,7 @@ def summary_markdown(report: Report, images: dict[str, str]) -> str:
         f"# perk benchmarks — {report.device}, {report.date}",
         "",
         f"Sizes: `{report.size}`. Command: " + ("; ".join(f"`{c}`" for c in report.commands) or "?") + ".",
+        "Ran at: " + ("; ".join(report.provenance) or "?") + ".",
         f"Cells are `mean time / peak memory`: {MEMORY_NOTE} (see benchmarks/README.md). "
         "OOM: out of memory; —: not run.",
         "",

@@ -69,10 +69,14 @@ def _write(tmp_path, entries, name="h100.json", **top) -> str:
 
 
 def test_tables_show_time_and_memory_oom_and_missing(tmp_path):
-    path = _write(tmp_path, _gpu_results(), command="python -m benchmarks.run")
+    path = _write(tmp_path, _gpu_results(), command="python -m benchmarks.run",
+                  commit_info={"id": "0123456789abcdef", "dirty": True},
+                  machine_info={"cpu": {"brand_raw": "AMD EPYC", "count": 2, "flags": ["avx2"]}})
     markdown = report.summary_markdown(report.load([path]), images={})
     assert markdown.startswith("# perk benchmarks — NVIDIA H100 80GB HBM3, 2026-01-02")
     assert "`python -m benchmarks.run`" in markdown
+    assert ("Ran at: h100.json: commit 0123456789 (dirty), 2026-01-02T03:04:05, AMD EPYC (2 cores, native bf16: no)."
+            in markdown)
     lines = markdown.splitlines()
     assert "| L | prompt-based generate | perk r=256 | perk r=16 | naive r=256 |" in lines
     assert "| 8K | 0.41 s / 1.36 GiB | 0.3 s / 3.00 GiB | 0.2 s / 2.00 GiB | 1.3 s / 33.30 GiB |" in lines
