@@ -339,10 +339,29 @@ def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
           "without native bf16, where torch's bf16 matmuls are tens of times slower than fp32 ones: their bf16 "
           "matrix products ran as fp32 GEMMs on the exact operands, rounded to bf16 (`perk.bf16_emulation`, a "
           "native bf16 GEMM's numerics); their seconds are left out of the cost column.", "",
-          fidelity_table(summary, overall=False), ""]
+          fidelity_table(summary, overall=False), "", *stability_section(cases)]
     (out / f"{STEM}.md").write_text("\n".join(md))
     write_readme_section("fidelity-table", fidelity_table(summary, overall=True, modes=README_MODES), readme)
     print("\n".join(md))
+
+
+def stability_section(cases: list[dict]) -> list[str]:
+    """The cases with ``reference_stability`` measured: how far the fp32 reference itself moves at a
+    bf16-sized move of the state, beside the bf16 modes' cosines."""
+    measured = [c for c in cases if "reference_stability" in c]
+    if not measured:
+        return []
+    lines = ["## Stability of the reference", "",
+             "Cosine of fp32 `exact` at θ and the rates with every entry scaled by (1 + 2⁻⁸·u), u ~ U(-1, 1), to fp32 "
+             "`exact` at θ (`reference_stability`). Near 1 the reference is smooth at bf16's resolution; far below, "
+             "the meta-gradient turns within a bf16 rounding of the state and no bf16 mode can be expected to match it.",
+             "", "| family | problem | setting | θ | stability θ / rates | fd x1 θ / rates | exact (bf16) θ / rates |",
+             "|---|---|---|---|---|---|---|"]
+    for c in sorted(measured, key=lambda c: (c["setting"], c["theta"], c["family"], c["problem"])):
+        pair = [" / ".join(f"{values[k]:.3f}" for k in PARAMETERS) for values in (
+            c["reference_stability"], *({k: c["modes"][m][f"cosine {k}"] for k in PARAMETERS} for m in ("fd x1", "exact")))]
+        lines.append(f"| {c['family']} | {c['problem']} | {c['setting']} | {c['theta']} | " + " | ".join(pair) + " |")
+    return lines + [""]
 
 
 def fidelity_table(summary: list[dict], *, overall: bool, modes: tuple[str, ...] | None = None) -> str:

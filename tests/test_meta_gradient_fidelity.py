@@ -272,6 +272,7 @@ def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
 
     cases = [case("qa1", {"fd x1": 0.99, "exact": 1.0}, 10.0, 2.0), case("qa1", {"fd x1": 0.97, "exact": 1.0}, 30.0, 6.0),
              case("student_records", {"fd x1": 0.95, "exact": 0.98}, 20.0, None), case("tiny", {"fd x1": 0.5, "exact": 0.9}, 4.0, 1.0, "emulated")]
+    cases[0].update(problem=3, reference_stability={"adapter_init": 0.536, "inner_lr_log": 0.937})
     readme = tmp_path / "README.md"
     readme.write_text("<!-- fidelity-table: begin -->\n<!-- fidelity-table: end -->\n")
     write_report(tmp_path, cases, readme)
@@ -285,7 +286,11 @@ def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
     text = readme.read_text()
     assert "| realistic | all | trained | fd x1 | 3 | 0.970 / " in text and "| tiny | all | trained | fd x1 | 1 | 0.500 / " in text
     assert "| realistic | train |" not in text  # the README gets the rows over every setting, the md every group
-    assert "| realistic | train | trained | fd x1 | 3 |" in (tmp_path / "meta-grad-fidelity.md").read_text()
+    md = (tmp_path / "meta-grad-fidelity.md").read_text()
+    assert "| realistic | train | trained | fd x1 | 3 |" in md
+    # the measured case alone in the stability section, beside its bf16 modes
+    assert "| qa1 | 3 | train | trained | 0.536 / 0.937 | 0.990 / 0.990 | 1.000 / 1.000 |" in md
+    assert md.count("| student_records |") == 0
 
 
 def test_reference_stability_measures_the_fp32_reference_at_a_bf16_sized_move_and_restores_the_state():
