@@ -51,7 +51,7 @@ import perk.meta_gradient as meta_gradient_module
 from benchmarks.report import README, cpu_name, git_commit, write_readme_section
 from perk import PerkConfig, PerkModel
 from perk.bf16_emulation import emulate_bf16_matmuls
-from perk.check_meta_grad import cosine, percentile, relative_error
+from perk.check_meta_grad import cosine, percentile, reference_stability, relative_error
 from perk.config import TrainConfig
 from perk.inner_loop import inner_loop
 from perk.models import cpu_has_native_bf16, load_base_model
@@ -173,7 +173,7 @@ def run_case(setting: Setting, problem: dict, params: dict) -> dict:
     load_params(setting.bf16, params)
     want, seconds = gradient(setting.reference, problem, "exact")
     case = {"reference_seconds": seconds, **inner_diagnostics(setting.reference, problem),
-            "reference_stability": reference_stability(setting, problem, params, want)}
+            "reference_stability": reference_stability(setting.reference, problem, want, STABILITY_SEED)}
     first_order, _ = gradient(setting.reference, problem, "first_order")
     case["reference_norm"] = {k: float(want[k].norm()) for k in PARAMETERS}
     case["hessian_share"] = {k: relative_error(want[k], first_order[k]) for k in PARAMETERS}
@@ -195,23 +195,6 @@ def run_case(setting: Setting, problem: dict, params: dict) -> dict:
             "seconds": seconds,
         }
     return case
-
-
-def reference_stability(setting: Setting, problem: dict, params: dict, want: dict) -> dict:
-    """How far the fp32 reference moves when θ and the rates move by a bf16 rounding: the cosine of
-    fp32 ``exact`` at each entry scaled by (1 + 2⁻⁸·u), u ~ U(-1, 1), to ``want`` (fp32 ``exact`` at
-    θ). Near 1 the reference is a smooth function of the state, so a bf16 mode far from it lost
-    precision; far below 1 the meta-gradient changes on the scale of bf16 rounding itself, and no
-    bf16 computation of the inner loop can be expected to reproduce it."""
-    generator = torch.Generator().manual_seed(STABILITY_SEED)
-    perturbed = {k: v * (1 + 2 ** -8 * (2 * torch.rand(v.shape, generator=generator, dtype=v.dtype) - 1))
-                 for k, v in params.items()}
-    load_params(setting.reference, perturbed)
-    try:
-        moved, _ = gradient(setting.reference, problem, "exact")
-    finally:
-        load_params(setting.reference, params)
-    return {k: cosine(moved[k], want[k]) for k in PARAMETERS}
 
 
 def parse_args(argv):
@@ -293,7 +276,7 @@ def add_stability(args, lines_file: Path, base, tokenizer, trained, problems: di
         problem, params = problems[case["family"]][case["problem"]], setting.theta(case["theta"], case["problem"], trained)
         load_params(setting.reference, params)
         want, _ = gradient(setting.reference, problem, "exact")
-        case["reference_stability"] = reference_stability(setting, problem, params, want)
+        case["reference_stability"] = reference_stability(setting.reference, problem, want, STABILITY_SEED)
         case["reference_stability_commit"] = git_commit()
         write_jsonl(lines_file, cases)  # atomically: a kill mid-write leaves the previous file
         print(f"{case['family']} #{case['problem']} {case['setting']} {case['theta']}: reference stability "

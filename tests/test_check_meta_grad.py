@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import perk.check_meta_grad as check_meta_grad
 from perk.check_meta_grad import main, percentile, perk_models, saved_meta_parameters
 from perk.cli import run_main
 from perk.runs import read_run_config
@@ -61,6 +62,10 @@ def test_reports_the_spread_of_every_mode_and_passes_in_bf16(tiny_gpt2_dir, caps
     median, p10, minimum = (float(c) for c in rows["fd auto"][2:5])
     assert 0.99 <= minimum <= p10 <= median <= 1.0
     assert "the run's mode (fd): 10th percentile of the θ cosine over 2 problem(s)" in out
+    stability = out.split("stability of the reference")[1].split("\n")[0]
+    median, minimum = (float(stability.split(word)[1].split(",")[0]) for word in ("median ", "min "))
+    assert 0.99 <= minimum <= median <= 1.0  # a tiny model's reference is smooth at bf16's resolution
+    assert "turns within a bf16 rounding" not in out
 
 
 def test_fails_when_the_10th_percentile_is_below_min_cosine(tiny_gpt2_dir, capsys):
@@ -69,6 +74,27 @@ def test_fails_when_the_10th_percentile_is_below_min_cosine(tiny_gpt2_dir, capsy
     out = capsys.readouterr().out
     assert code == 1 and "BELOW --min_cosine 0.95" in out
     assert set(table(out)) == {"exact -", "fd 30", "first_order -"}
+
+
+def test_says_where_the_reference_itself_is_unstable(tiny_gpt2_dir, capsys, monkeypatch):
+    monkeypatch.setattr(check_meta_grad, "reference_stability", lambda *args: {"adapter_init": 0.5, "inner_lr_log": 0.9})
+    code = main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--perk.fd_epsilon", "30", "--fd_scales", ""))
+    out = capsys.readouterr().out
+    assert code == 1 and "median 0.5000, min 0.5000" in out
+    assert "on 2 problem(s) the reference itself turns within a bf16 rounding of the state" in out
+    assert "2 of them below --min_cosine" in out
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_products_are_emulated_only_on_a_cpu_without_native_bf16(tiny_gpt2_dir, capsys, monkeypatch, native):
+    monkeypatch.setattr(check_meta_grad, "cpu_has_native_bf16", lambda: native)
+    entered = []
+    real = check_meta_grad.emulate_bf16_matmuls
+    monkeypatch.setattr(check_meta_grad, "emulate_bf16_matmuls", lambda enabled: entered.append(enabled) or real(enabled))
+    assert main(check_args(tiny_gpt2_dir, "--base_dtype", "bfloat16", "--fd_scales", "", "--problems", "1")) == 0
+    out = capsys.readouterr().out
+    assert ("this CPU has no native bf16" in out) is not native
+    assert entered and set(entered) == {not native}
 
 
 def test_checks_a_saved_runs_meta_parameters(trained_run, capsys):

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import perk.meta_gradient as meta_gradient
-from benchmarks.meta_grad_fidelity import Setting, family_problems, load_params, reference_stability, write_report
+from benchmarks.meta_grad_fidelity import Setting, family_problems, load_params, write_report
 from perk import PerkConfig, PerkModel
-from perk.check_meta_grad import percentile
+from perk.check_meta_grad import percentile, reference_stability
 from perk.inner_loop import inner_loop
 from perk.meta_gradient import fd_step
 from perk.config import TrainConfig
@@ -301,9 +301,9 @@ def test_reference_stability_measures_the_fp32_reference_at_a_bf16_sized_move_an
     load_params(setting.reference, params)
     setting.reference.config.meta_grad = "exact"
     _, want, _ = setting.reference.meta_gradient([problem])
-    stability = reference_stability(setting, problem, params, want)
+    stability = reference_stability(setting.reference, problem, want)
     # a tiny fp32 model's meta-gradient is smooth in θ: a 2^-8 relative move barely turns it, but does move it
     assert 0.99 < stability["adapter_init"] < 1.0 and 0.99 < stability["inner_lr_log"] <= 1.0, stability
     assert all(torch.equal(v, params[k]) for k, v in setting.reference.meta_parameters().items())
-    stability_with_other_want = reference_stability(setting, problem, params, {k: -v for k, v in want.items()})
+    stability_with_other_want = reference_stability(setting.reference, problem, {k: -v for k, v in want.items()})
     assert stability_with_other_want["adapter_init"] == pytest.approx(-stability["adapter_init"])
