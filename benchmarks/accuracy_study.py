@@ -47,7 +47,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ import yaml
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from benchmarks.report import cpu_name, write_readme_section
+from benchmarks.report import cpu_name, git_commit, write_readme_section
 from perk.checkpoint import checkpoint_dir, read_checkpoint, read_safetensors, write_file_atomic, write_folder_atomic
 from perk.cli import ArgumentParser, UsageError, build_config, config_to_dict, flatten, run_main
 from perk.config import field
@@ -636,16 +635,10 @@ def summarize_probe(run: Path, overrides: dict) -> dict:
 
 
 def provenance(study: Study) -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-
     cpu = cpu_name()
     return {
         "command": f"python -m benchmarks.accuracy_study --config {study.config_path}",
-        "commit": git("rev-parse", "HEAD") + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""),
+        "commit": git_commit(mark_uncommitted=True),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }

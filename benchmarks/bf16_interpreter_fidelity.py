@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ else:
 
 import triton  # noqa: E402
 
-from benchmarks.report import cpu_name  # noqa: E402
+from benchmarks.report import cpu_name, git_commit  # noqa: E402
 from tests import bf16_fidelity  # noqa: E402
 from tests.tiny_models import FAMILIES  # noqa: E402
 
@@ -64,14 +63,6 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{load}; "
         f"torch {torch.__version__}, triton {triton.__version__} (interpreter)"
     )
-
-
-def commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else " (clean)")
 
 
 def markdown(record: dict) -> str:
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = bf16_fidelity.CONFIG if args.size == "full" else bf16_fidelity.TEST_CONFIG
     record = dict(
         command="python benchmarks/bf16_interpreter_fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        commit=commit(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=git_commit(mark_uncommitted=True) or "unknown", date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         machine=machine(), shim=SHIM, config={k: v for k, v in vars(config).items()},
         n_problems=len(bf16_fidelity.PROBLEMS), max_new_tokens=3, families={},
     )  # fmt: skip

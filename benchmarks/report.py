@@ -179,10 +179,21 @@ def cpu_name() -> str:
     return name + (f" (native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'})" if flags else "")
 
 
-def git_commit() -> str:
-    """The checkout's short commit, the results files' provenance ('' outside a git checkout)."""
-    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True)
-    return run.stdout.strip()
+def git_commit(mark_uncommitted: bool = False) -> str:
+    """The checkout's short commit, the results files' provenance ('' outside a git checkout); with
+    ``mark_uncommitted``, followed by " (uncommitted changes)" where tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=README.parent, check=False, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if mark_uncommitted and head and git("status", "--porcelain", "--untracked-files=no"):
+        head += " (uncommitted changes)"
+    return head
 
 
 def write_readme_section(name: str, text: str, readme: Path = README) -> bool:
