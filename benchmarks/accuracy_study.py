@@ -67,7 +67,7 @@ from perk.config import field
 from perk.engine import CONFIG_NAME, WEIGHTS_NAME, PerkModel, load_tensors, read_pretrained
 from perk.methods import answer_budget, evaluate, ftic_loss_and_grad
 from perk.models import load_base_model, resolve_base_dtype
-from perk.report import Prediction, markdown_table, plot_accuracy, summarize
+from perk.report import Prediction, accuracy_table, plot_accuracy, summarize
 from perk.config import TrainConfig
 from perk.runs import FTIC_ADAPTER, METRICS, PERK_DIR, RESOLVED_CONFIG, load_ftic_adapter, read_run_config, run_directory
 from perk.tasks import generate
@@ -823,7 +823,7 @@ def report_markdown(study: Study, payload: dict) -> str:
     lines += [f"| {t['target']} | {t['reached']} | {'-' if t['met'] is None else ('yes' if t['met'] else 'no')} |"
               for t in payload["targets"]]
     def section(title: str, rows: list[dict], plot: str) -> list[str]:
-        return ["", f"## {title}", "", markdown_table(rows) if rows else "(not run yet)"] + (
+        return ["", f"## {title}", "", accuracy_table(rows) if rows else "(not run yet)"] + (
             [f"![{title}]({name}-{plot}.png)"] if rows else [])
 
     lines += section("Accuracy vs context length", payload["by_length"], "vs-length")

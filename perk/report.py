@@ -77,7 +77,7 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def accuracy_table(rows: list[dict]) -> str:
     """The summary as a markdown table (accuracies in %)."""
     with_depth = any(r["depth_pct"] is not None for r in rows)
     header = ["method", "task", "length"] + (["depth %"] if with_depth else []) + [
@@ -143,7 +143,7 @@ def write_results(directory: str | Path, name: str, predictions: list[Prediction
     and the markdown table."""
     directory = Path(directory)
     rows = summarize(predictions, by=GROUP_KEYS if by_depth else ("length_tokens",))
-    table = markdown_table(rows)
+    table = accuracy_table(rows)
     payload = {"summary": rows, "predictions": [asdict(p) for p in predictions]}
     write_file_atomic(directory / f"{name}.json", json.dumps(payload, indent=1).encode())
     write_file_atomic(directory / f"{name}.md", (header + table).encode())

@@ -2,7 +2,7 @@
 
 import json
 
-from perk.report import Prediction, markdown_table, summarize, write_results
+from perk.report import Prediction, accuracy_table, summarize, write_results
 
 
 def _prediction(method, length, depth, correct, choice=None, truncated=False):
@@ -28,7 +28,7 @@ def test_summary_groups_and_scores():
     by_depth = summarize(predictions, by=("depth_pct",))
     assert {(r["method"], r["depth_pct"]): r["n"] for r in by_depth} == {
         ("perk", 0): 2, ("perk", 100): 1, ("zeroshot", 0): 1}
-    table = markdown_table(summarize(predictions))
+    table = accuracy_table(summarize(predictions))
     assert "| perk | babilong/qa1 | 1K | 2 | 50.0 | 50.0 | 100.0 | 0 |" in table
 
 
