@@ -20,7 +20,7 @@ and the median relative error ``‖g − g_ref‖/‖g_ref‖``, for
 * ``first_order``: what ignoring the Hessian costs.
 
 It also prints the reference's stability (:func:`reference_stability`, one more fp32 ``exact`` per
-problem) and names the problems where it is below 0.9: there the meta-gradient turns within a bf16
+problem) and counts the problems where it is below 0.9: there the meta-gradient turns within a bf16
 rounding of the state, and a low cosine is not precision a costlier mode would recover. On a CPU
 without native bf16 the checked model's bf16 products run as fp32 GEMMs rounded to bf16
 (:mod:`perk.bf16_emulation`, a native bf16 GEMM's numerics), where torch's own are tens of times slower.
