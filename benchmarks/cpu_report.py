@@ -17,6 +17,8 @@ import json
 import platform
 from pathlib import Path
 
+from benchmarks.report import NATIVE_BF16_FLAGS
+
 GB = 1e9
 
 
@@ -75,7 +77,7 @@ def machine_text(files: list[dict]) -> str:
     cpu = info.get("cpu", {})
     perk = info.get("perk", {})
     flags = set(cpu.get("flags", []))
-    bf16 = "native bf16 dot products (avx512_bf16 or AMX)" if flags & {"avx512_bf16", "amx_bf16"} else (
+    bf16 = "native bf16 dot products (avx512_bf16 or AMX)" if flags & NATIVE_BF16_FLAGS else (
         "no native bf16 (no avx512_bf16 / AMX flag: torch emulates bf16 matmuls)")
     return (f"{cpu.get('brand_raw', platform.processor() or '?')}, {cpu.get('count', '?')} logical CPUs, {bf16}; "
             f"torch {perk.get('torch', '?')}, transformers {perk.get('transformers', '?')}")

@@ -127,7 +127,7 @@ def _provenance(name: str, data: dict) -> str:
     commit, machine = data.get("commit_info", {}), data.get("machine_info", {})
     cpu = machine.get("cpu", {})
     flags = set(cpu.get("flags", []))
-    bf16 = f", native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'}" if flags else ""
+    bf16 = f", {native_bf16_text(flags)}" if flags else ""
     return (f"{name}: commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, "
             f"{data.get('datetime', '?')}, {cpu.get('brand_raw') or machine.get('processor') or '?'} "
             f"({cpu.get('count', '?')} cores{bf16})")
@@ -166,6 +166,13 @@ def cell(result: Result | None) -> str:
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+# CPU flags of native bf16 dot products (oneDNN's fast path); without them torch emulates bf16 matmuls
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def native_bf16_text(flags: set[str]) -> str:
+    """``native bf16: yes|no`` for a CPU's flags."""
+    return f"native bf16: {'yes' if flags & NATIVE_BF16_FLAGS else 'no'}"
 
 
 def cpu_name() -> str:
@@ -176,7 +183,7 @@ def cpu_name() -> str:
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     name = name or platform.processor() or platform.machine()
     flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    return name + (f" (native bf16: {'yes' if flags & {'avx512_bf16', 'amx_bf16'} else 'no'})" if flags else "")
+    return name + (f" ({native_bf16_text(flags)})" if flags else "")
 
 
 def git_commit(mark_uncommitted: bool = False) -> str:
