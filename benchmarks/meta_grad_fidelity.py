@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = git_commit()
     problems = {f: family_problems(f, args.problems, tokenizer) for f in args.families.split(",")}
     if args.add_stability:
-        add_stability(args, lines_file, base, tokenizer, trained, problems)
+        add_stability(args, lines_file, base, tokenizer, trained, problems, commit)
         return 0
     for setting_name in args.settings.split(","):
         setting = None
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def add_stability(args, lines_file: Path, base, tokenizer, trained, problems: dict) -> None:
+def add_stability(args, lines_file: Path, base, tokenizer, trained, problems: dict, commit: str) -> None:
     """Measure :func:`reference_stability` for the selected recorded cases that lack it, rewriting
     the file after each (resumable like the run)."""
     cases = [json.loads(line) for line in lines_file.read_text().splitlines()]
@@ -277,7 +277,7 @@ def add_stability(args, lines_file: Path, base, tokenizer, trained, problems: di
         load_params(setting.reference, params)
         want, _ = gradient(setting.reference, problem, "exact")
         case["reference_stability"] = reference_stability(setting.reference, problem, want, STABILITY_SEED)
-        case["reference_stability_commit"] = git_commit()
+        case["reference_stability_commit"] = commit
         write_jsonl(lines_file, cases)  # atomically: a kill mid-write leaves the previous file
         print(f"{case['family']} #{case['problem']} {case['setting']} {case['theta']}: reference stability "
               f"{case['reference_stability']}", flush=True)
