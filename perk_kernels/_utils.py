@@ -5,7 +5,8 @@ Backends, chosen per call:
 * ``"triton"`` — the fused kernels. Automatic for CUDA tensors, and for CPU tensors when
   ``TRITON_INTERPRET=1`` (Triton's interpreter; that is how CI runs the real kernel code).
 * ``"torch"`` — the plain-torch reference of the same function: the test oracle and the CPU
-  default.
+  default. Chosen automatically (not named), ``lora_linear`` over a bf16 base with fp32 adapters
+  takes its faster mixed-precision CPU path instead (once differentiable, like the kernels).
 * ``"cuda"`` — a compiled extension (``perk_kernels._C``), for the ops that have one
   (``meta_grad_accumulate``): the automatic choice on CUDA tensors when it is importable.
 
@@ -42,6 +43,11 @@ def triton_available() -> bool:
     return True
 
 
+def requested_backend(backend: str | None) -> str | None:
+    """The backend asked for: the argument, else ``PERK_KERNELS_BACKEND``, else None (automatic)."""
+    return backend or os.environ.get(BACKEND_ENV) or None
+
+
 def choose_backend(
     backend: str | None, device: torch.device, *, extension: Callable[[], bool] | None = None
 ) -> str:
@@ -51,8 +57,7 @@ def choose_backend(
     (consulted only for CUDA tensors); None for ops without one.
     """
     backends = BACKENDS + (("cuda",) if extension is not None else ())
-    if backend is None:
-        backend = os.environ.get(BACKEND_ENV) or None
+    backend = requested_backend(backend)
     if backend is None:
         if device.type == "cuda" and extension is not None and extension():
             return "cuda"

@@ -42,6 +42,7 @@ from perk_kernels._utils import (
     dot_input_precision,
     interpret_mode,
     next_power_of_2,
+    requested_backend,
     target_programs,
 )
 
@@ -542,6 +543,94 @@ class _LoraLinearFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
+# CPU path: a bf16 base model with fp32 adapters
+# ----------------------------------------------------------------------------------------------
+# The reference runs the adapter term in fp32: beside a bf16 base that costs an fp32 (rows, d_out)
+# product, its cast and a second add (and their transposes in backward), 2-3x the base layer's time
+# on a CPU with native bf16. Here the fp32 factors enter bf16 GEMMs as (hi, lo) bf16 pairs, so the
+# term keeps ~2⁻¹⁶ of its relative precision (fp32 adapters' small updates are not lost under bf16
+# spacing) and is added to the base output inside one bf16 addmm (fp32 accumulation, one rounding
+# where the reference rounds twice). The rank-r factors (h, dh) and the adapters' gradients stay fp32.
+
+
+def _bf16_pair(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` in bf16 with ``hi + lo = t`` to ~2⁻¹⁶ relative (t fp32)."""
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.float()).to(torch.bfloat16)
+
+
+def _add_low_rank_bf16(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``out += left @ rightᵀ`` in place: out bf16 (m, n), left fp32 (m, r), right fp32 (n, r).
+
+    One bf16 GEMM over K = 3r: hi·hi + hi·lo + lo·hi (lo·lo, ~2⁻¹⁶ of the product, is dropped).
+    """
+    left_hi, left_lo = _bf16_pair(left)
+    right_hi, right_lo = _bf16_pair(right)
+    out.addmm_(torch.cat([left_hi, left_hi, left_lo], 1), torch.cat([right_hi, right_lo, right_hi], 1).t())
+
+
+def _adapter_blocks(by_adapter: AdapterRows):
+    """``(adapter, rows slice)`` of each adapter with rows, in sorted row order."""
+    start = 0
+    for adapter, count in enumerate(by_adapter.host_counts):
+        if count:
+            yield adapter, slice(start, start + count)
+        start += count
+
+
+def _sorted_rows(t: torch.Tensor, by_adapter: AdapterRows) -> torch.Tensor:
+    return t if by_adapter.rows_sorted else t[by_adapter.row_order]
+
+
+def _original_rows(t: torch.Tensor, by_adapter: AdapterRows) -> torch.Tensor:
+    return t if by_adapter.rows_sorted else torch.empty_like(t).index_copy(0, by_adapter.row_order, t)
+
+
+def _uses_bf16_cpu_path(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and lora_a.dtype == lora_b.dtype == torch.float32
+
+
+class _LoraLinearBf16CpuFunction(torch.autograd.Function):
+    """:func:`lora_linear` on CPU for a bf16 x with fp32 adapters; first-order backward (dx, dA, dB)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, by_adapter):
+        y = _sorted_rows(torch.nn.functional.linear(x, weight, bias), by_adapter)
+        x_sorted = _sorted_rows(x, by_adapter)
+        h = torch.empty((x.shape[0], lora_a.shape[1]), dtype=torch.float32, device=x.device)  # s·x Aᵀ, sorted
+        for adapter, rows in _adapter_blocks(by_adapter):
+            torch.mm(x_sorted[rows].float(), lora_a[adapter].t(), out=h[rows]).mul_(scale)
+            _add_low_rank_bf16(y[rows], h[rows], lora_b[adapter])
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
+        ctx.scale = scale
+        ctx.by_adapter = by_adapter
+        return _original_rows(y, by_adapter)
+
+    @staticmethod
+    @once_differentiable  # use backend="torch" (the reference) for double backward
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        by_adapter, scale = ctx.by_adapter, ctx.scale
+        need_dx, need_da, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dy_sorted = _sorted_rows(dy, by_adapter)
+        x_sorted = _sorted_rows(x, by_adapter) if need_da else None
+        dx = _sorted_rows(dy @ weight, by_adapter) if need_dx else None
+        d_a = torch.zeros_like(lora_a) if need_da else None
+        d_b = torch.zeros_like(lora_b) if need_db else None
+        for adapter, rows in _adapter_blocks(by_adapter):
+            dy_rows = dy_sorted[rows].float()
+            if need_db:
+                torch.mm(dy_rows.t(), h[rows], out=d_b[adapter])
+            if need_dx or need_da:
+                dh = (dy_rows @ lora_b[adapter]).mul_(scale)  # (rows, r) = s·dy B
+                if need_da:
+                    torch.mm(dh.t(), x_sorted[rows].float(), out=d_a[adapter])
+                if need_dx:
+                    _add_low_rank_bf16(dx[rows], dh, lora_a[adapter].t())
+        return (None if dx is None else _original_rows(dx, by_adapter)), None, None, d_a, d_b, None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry point and reference
 # ----------------------------------------------------------------------------------------------
 
@@ -681,20 +770,25 @@ def lora_linear(
         row_adapters: int tensor of shape x.shape[:-1] (or (rows,)) with each row's adapter, in any
             order; or the :class:`AdapterRows` of :func:`adapter_rows` (built once, reused by every
             layer); None: every row uses adapter 0.
-        backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`).
+        backend: "triton" or "torch" (see :func:`perk_kernels.choose_backend`). Chosen
+            automatically on CPU, a bf16 x with fp32 adapters takes the mixed-precision CPU path
+            (the adapter term as bf16 hi/lo pairs, added inside the base GEMM's rounding).
 
-    Differentiable w.r.t. x, lora_a and lora_b. The Triton backward is once-differentiable
-    (double backward raises); the "torch" backend is twice differentiable.
+    Differentiable w.r.t. x, lora_a and lora_b. The Triton backward and the CPU path's are
+    once-differentiable (double backward raises); the "torch" backend, named, is twice differentiable.
     """
     by_adapter = _check_inputs(x, weight, bias, lora_a, lora_b, scale, row_adapters)
     scale = float(scale)
     d_in = x.shape[-1]
     rows = x.shape[:-1].numel()
+    function = _LoraLinearFunction
     if choose_backend(backend, x.device) == "torch" or rows == 0:
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, by_adapter)
+        if rows == 0 or requested_backend(backend) == "torch" or not _uses_bf16_cpu_path(x, lora_a, lora_b):
+            return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, by_adapter)
+        function = _LoraLinearBf16CpuFunction
     if by_adapter is None:
         by_adapter = _single_adapter_rows(rows, lora_a.shape[0], x.device)
     x2 = x.reshape(rows, d_in)
     bias = None if bias is None else bias.detach()
-    y = _LoraLinearFunction.apply(x2, weight.detach(), bias, lora_a, lora_b, scale, by_adapter)
+    y = function.apply(x2, weight.detach(), bias, lora_a, lora_b, scale, by_adapter)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from perk_kernels import lora_linear, lora_linear_reference
 from perk_kernels.lora_linear import (
     AdapterRows,
+    _LoraLinearBf16CpuFunction,
     _LoraLinearFunction,
     lora_adapter_outer,
     adapter_rows,
@@ -357,3 +358,86 @@ def test_gpu_matches_reference(dtype, rows, d_in, d_out, r, n_adapters):
         check_against_reference(problem, ids, REL_TOL[dtype])
     else:
         check_low_precision_against_fp32_reference(problem, ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path: bf16 base, fp32 adapters (chosen automatically when the Triton interpreter is off)
+# ----------------------------------------------------------------------------------------------
+
+CPU_NODE = _LoraLinearBf16CpuFunction.__name__ + "Backward"
+
+
+def _bf16_problem(shape):
+    rows, d_in, d_out, r, n_adapters = shape
+    return make_problem(rows, d_in, d_out, r, n_adapters, dtype=torch.bfloat16), ids_unsorted_with_empty_adapter(rows, n_adapters)
+
+
+def _relative_errors(problem, ids, backend):
+    """Norm-relative errors of y, dx, dA, dB against float64 on the same (bf16-rounded) inputs."""
+    wide = {k: (v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v) for k, v in problem.items()}
+    y = lora_linear(**problem, row_adapters=ids, backend=backend)
+    y_wide = lora_linear_reference(**wide, row_adapters=ids)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    grads = torch.autograd.grad(y, [problem[k] for k in ("x", "lora_a", "lora_b")], dy)
+    grads_wide = torch.autograd.grad(y_wide, [wide[k] for k in ("x", "lora_a", "lora_b")], dy.double())
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    return [((a.double() - b).norm() / b.norm()).item() for a, b in zip((y, *grads), (y_wide, *grads_wide))]
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, MANY_ADAPTERS], ids=lambda v: "x".join(map(str, v)))
+def test_bf16_cpu_path_is_as_accurate_as_the_reference(monkeypatch, shape):
+    """Against float64: y and dx at least as close as the reference's (one bf16 rounding where it has
+    two), dA and dB at fp32 precision like the reference's (not bf16's ~1e-3)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    problem, ids = _bf16_problem(shape)
+    assert CPU_NODE in autograd_node_names(lora_linear(**problem, row_adapters=ids))
+    got = _relative_errors(problem, ids, None)
+    want = _relative_errors(problem, ids, "torch")
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+        assert g <= 1.05 * w + 1e-6, (name, g, w)
+    assert max(got[2:]) < 1e-5
+
+
+def test_bf16_pairs_keep_fp32_adapters_below_bf16_spacing():
+    """hi + lo holds an fp32 value to ~2⁻¹⁶: an inner update under bf16's spacing (2⁻⁸) survives."""
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    hi, lo = lora_linear_module._bf16_pair(t)
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    pair_error = ((hi.double() + lo.double() - t.double()).abs() / t.abs().double()).max().item()
+    bf16_error = ((hi.double() - t.double()).abs() / t.abs().double()).max().item()
+    assert pair_error < 2**-15 and bf16_error > 2**-10
+    out = torch.zeros(64, 48, dtype=torch.bfloat16)
+    left, right = torch.randn(64, 8, dtype=torch.float64), torch.randn(48, 8, dtype=torch.float64)
+    lora_linear_module._add_low_rank_bf16(out, left.float(), right.float())
+    torch.testing.assert_close(out.double(), left @ right.t(), rtol=2**-8, atol=1e-3)
+
+
+def test_bf16_cpu_path_choice_and_double_backward(monkeypatch):
+    """Automatic on CPU for a bf16 x with fp32 adapters; `backend="torch"` (argument or environment),
+    an fp32 x or bf16 adapters take the reference, which alone is twice differentiable."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    problem, ids = _bf16_problem((37, 20, 33, 8, 3))
+    y = lora_linear(**problem, row_adapters=ids)
+    assert CPU_NODE in autograd_node_names(y)
+    (da,) = torch.autograd.grad(y.float().pow(2).sum(), problem["lora_a"], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        da.sum().backward()
+    assert CPU_NODE not in autograd_node_names(lora_linear(**problem, row_adapters=ids, backend="torch"))
+    fp32 = make_problem(37, 20, 33, 8, 3)
+    assert CPU_NODE not in autograd_node_names(lora_linear(**fp32, row_adapters=ids))
+    bf16_adapters = dict(problem, lora_a=problem["lora_a"].detach().bfloat16(), lora_b=problem["lora_b"].detach().bfloat16())
+    assert CPU_NODE not in autograd_node_names(lora_linear(**bf16_adapters, row_adapters=ids))
+    monkeypatch.setenv("PERK_KERNELS_BACKEND", "torch")
+    assert CPU_NODE not in autograd_node_names(lora_linear(**problem, row_adapters=ids))
+
+
+def test_bf16_cpu_path_broadcast_gradient_and_frozen_weight(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    problem, ids = _bf16_problem((37, 20, 33, 8, 3))
+    problem["weight"].requires_grad_()
+    inputs = [problem["x"], problem["lora_a"], problem["lora_b"], problem["weight"]]
+    got = torch.autograd.grad(lora_linear(**problem, row_adapters=ids).sum(), inputs, allow_unused=True)
+    want = torch.autograd.grad(lora_linear(**problem, row_adapters=ids, backend="torch").sum(), inputs, allow_unused=True)
+    assert got[3] is None and want[3] is None
+    for name, g, w in zip(("dx", "dA", "dB"), got, want):
+        assert_rel_close(g, w, REL_TOL[torch.bfloat16] if name == "dx" else 1e-5, name)
