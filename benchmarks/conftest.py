@@ -56,8 +56,10 @@ if not CUDA:
         torch.set_num_threads(1)
     # The kernel suites run their Triton provider through the interpreter on CPU; it must be set
     # before perk_kernels is first imported, which a conftest precedes. The engine suites pass
-    # backend="torch" explicitly (see ENGINE_BACKEND), so they are not slowed by it.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # backend="torch" explicitly (see ENGINE_BACKEND), so they are not slowed by it. At the ``cpu``
+    # size (no kernel suite runs) the engines take the product's own automatic choice instead.
+    if os.environ.get("PERK_BENCH_SIZE") != "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.report import format_length  # noqa: E402,F401 — the suites name their sizes like the summary
 from perk.models import resolve_base_dtype  # noqa: E402
@@ -77,9 +79,11 @@ DEVICE_NAME = torch.cuda.get_device_name() if CUDA else "cpu"
 MODEL_DTYPE = torch.bfloat16 if CUDA else torch.float32
 # perk's base model at the ``cpu`` size: the dtype the product picks on this machine (``base_dtype=auto``).
 PERK_DTYPE = resolve_base_dtype("auto", DEVICE) if SIZE == "cpu" else MODEL_DTYPE
-# perk's engine: the Triton kernels on CUDA; the torch reference on CPU, where the automatic
-# choice would be Triton's (slow) interpreter because TRITON_INTERPRET is set above.
-ENGINE_BACKEND = None if CUDA else "torch"
+# perk's engine: the automatic choice (the Triton kernels on CUDA; on a CPU the torch ops, with the
+# bf16 path of perk_kernels.lora_linear over a bf16 base) where the product would make it; the torch
+# reference on CPU at the other sizes, where the automatic choice would be Triton's (slow)
+# interpreter because TRITON_INTERPRET is set above.
+ENGINE_BACKEND = None if CUDA or SIZE == "cpu" else "torch"
 # CPU: ``PERK_BENCH_CPU_MALLOC=pinned`` pins glibc's mmap threshold at 128 KiB, so that every freed
 # tensor above it leaves RSS at once: the peak then counts live tensors, not the free memory glibc
 # keeps (which grows with the number of micro-batches), but every large tensor faults its pages in

@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("PERK_BENCH_SIZE", "cpu")
 
 import torch  # noqa: E402
-from benchmarks.conftest import build_model, byte_tokenizer, context_text  # noqa: E402
+from benchmarks.conftest import ENGINE_BACKEND, build_model, byte_tokenizer, context_text  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from perk.config import PerkConfig  # noqa: E402
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_base_dtype(args.dtype, "cpu")
     config = PerkConfig(rank=16, alpha=16.0, rslora=True, segment_len=128, inner_steps=1, unroll_steps=1,
                         inner_optimizer="adamw", inner_lr=1e-3, micro_batch_tokens=1024)
-    pm = PerkModel.from_base(build_model("smollm2-135m", dtype=dtype), byte_tokenizer(), config, backend="torch")
+    pm = PerkModel.from_base(build_model("smollm2-135m", dtype=dtype), byte_tokenizer(), config, backend=ENGINE_BACKEND)
     text = context_text(args.tokens)
     pm.encode(text)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -42,6 +42,7 @@ import pytest
 import torch
 from benchmarks.conftest import (
     DEVICE_NAME,
+    ENGINE_BACKEND,
     MEMORY_METHOD,
     PERK_DTYPE,
     SIZE,
@@ -200,7 +201,7 @@ def _perk_encoder(dtype: torch.dtype, model_slot):
             **ENCODE_LORA, segment_len=SEGMENT_LEN, inner_steps=INNER_STEPS, inner_optimizer="adamw",
             inner_lr=INNER_LR, micro_batch_tokens=PASS_TOKENS,
         )
-        return PerkModel.from_base(build_model(MODEL, dtype=dtype), byte_tokenizer(), config, backend="torch")
+        return PerkModel.from_base(build_model(MODEL, dtype=dtype), byte_tokenizer(), config, backend=ENGINE_BACKEND)
 
     return model_slot.get(("perk", dtype), build)
 
@@ -274,7 +275,7 @@ def test_meta_step(benchmark, model_slot, provider, threads):
     config = MAKE_RUN.perk
     if provider == "perk":
         def build():
-            pm = PerkModel.from_base(*load_base_model(MAKE_RUN.model, dtype=dtype), config, backend="torch")
+            pm = PerkModel.from_base(*load_base_model(MAKE_RUN.model, dtype=dtype), config, backend=ENGINE_BACKEND)
             return pm, torch.optim.Adam(list(pm.meta_parameters().values()), lr=MAKE_RUN.meta_lr)
 
         pm, optimizer = model_slot.get(("perk-meta", dtype), build)
