@@ -79,7 +79,7 @@ IDLE_LOAD = 2.5
 EMULATED = not cpu_has_native_bf16()
 BF16_MATMULS = "emulated (fp32 GEMMs, bf16 rounding)" if EMULATED else "torch"
 PARAMETERS = ("adapter_init", "inner_lr_log")
-README_MODES = ("exact", "fd x1", "fd-fp32-last", "first_order")  # the README's table; the md has every mode
+README_MODES = ("exact", "default", "fd-bf16", "fd-fp32-last", "first_order")  # the README's table; the md has every mode
 NAMES = ("Mary", "John", "Sandra", "Daniel", "Emma", "Oliver", "Lucy", "Peter")
 PLACES = ("kitchen", "garden", "office", "hallway", "bedroom", "bathroom", "cellar", "garage")
 VERBS = ("went to", "moved to", "travelled to", "journeyed to")
@@ -283,11 +283,19 @@ def add_stability(args, lines_file: Path, base, tokenizer, trained, problems: di
               f"{case['reference_stability']}", flush=True)
 
 
+def default_mode(case: dict) -> str:
+    """The recorded mode that the library's ``fd`` (``fd_float32="auto"``) now computes for ``case``:
+    ``fd-fp32-last`` where :func:`perk.meta_gradient.float32_passes_needed` asks for fp32 passes, else ``fd-bf16``."""
+    needed = meta_gradient_module.float32_passes_needed(case["context_tokens"], SETTINGS[case["setting"]].segment_len)
+    return "fd-fp32-last" if needed else "fd-bf16"
+
+
 def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
     """Group the cases (realistic = contexts of >= 256 tokens, tiny) and write json + md, and the
     rows per θ over every setting, of the main modes, into ``readme``'s fidelity table."""
     groups: dict[tuple, list[dict]] = {}
     for case in cases:
+        case["modes"]["default"] = case["modes"][default_mode(case)]
         size = "tiny" if case["family"] == "tiny" else "realistic"
         groups.setdefault((size, case["setting"], case["theta"]), []).append(case)
         groups.setdefault((size, "all", case["theta"]), []).append(case)
@@ -315,10 +323,12 @@ def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
           "Realistic: babilong/qa1 and student_records/recall contexts of 256 tokens; tiny: three short documents "
           "(~60 tokens). Raw cases (with inner losses, inner gradient norms, the fp32 meta-gradient's norm): "
           f"`{STEM}.jsonl`.", "",
-          "`fd x1` is the library's `fd` at the commit that ran the case (the cases of commit 34d0ef2 ran the "
-          "branch's working tree before `perk.meta_gradient.float32_from` chose fp32 passes, so there it equals "
-          "`fd-bf16`); `fd-fp32-last` is what the default now runs on contexts under "
-          "`perk.meta_gradient.FLOAT32_BELOW_TOKENS` tokens. Cases whose `bf16_matmuls` is `emulated` ran on a CPU "
+          "`default` is the library's `fd` as it now decides (`fd_float32=auto`): `fd-fp32-last` (the last T "
+          "steps, the outer pass and the probes in fp32) where `perk.meta_gradient.float32_passes_needed` asks for "
+          "it (contexts under `FLOAT32_BELOW_TOKENS` tokens per adapter, segments under "
+          "`FLOAT32_BELOW_SEGMENT_TOKENS`), else `fd-bf16` (every pass in bf16). `fd x1` is the library's `fd` at "
+          "the commit that ran the case (the cases of commit 34d0ef2 ran before fp32 passes existed; the "
+          "32-token-segment cases before they applied to short segments). Cases whose `bf16_matmuls` is `emulated` ran on a CPU "
           "without native bf16, where torch's bf16 matmuls are tens of times slower than fp32 ones: their bf16 "
           "matrix products ran as fp32 GEMMs on the exact operands, rounded to bf16 (`perk.bf16_emulation`, a "
           "native bf16 GEMM's numerics); their seconds are left out of the cost column.", "",
@@ -338,11 +348,11 @@ def stability_section(cases: list[dict]) -> list[str]:
              "Cosine of fp32 `exact` at θ and the rates with every entry scaled by (1 + 2⁻⁸·u), u ~ U(-1, 1), to fp32 "
              "`exact` at θ (`reference_stability`). Near 1 the reference is smooth at bf16's resolution; far below, "
              "the meta-gradient turns within a bf16 rounding of the state and no bf16 mode can be expected to match it.",
-             "", "| family | problem | setting | θ | stability θ / rates | fd x1 θ / rates | exact (bf16) θ / rates |",
+             "", "| family | problem | setting | θ | stability θ / rates | default θ / rates | exact (bf16) θ / rates |",
              "|---|---|---|---|---|---|---|"]
     for c in sorted(measured, key=lambda c: (c["setting"], c["theta"], c["family"], c["problem"])):
         pair = [" / ".join(f"{values[k]:.3f}" for k in PARAMETERS) for values in (
-            c["reference_stability"], *({k: c["modes"][m][f"cosine {k}"] for k in PARAMETERS} for m in ("fd x1", "exact")))]
+            c["reference_stability"], *({k: c["modes"][m][f"cosine {k}"] for k in PARAMETERS} for m in ("default", "exact")))]
         lines.append(f"| {c['family']} | {c['problem']} | {c['setting']} | {c['theta']} | " + " | ".join(pair) + " |")
     return lines + [""]
 

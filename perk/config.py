@@ -101,7 +101,8 @@ class PerkConfig:
     for fp16, 0.0002·‖φ‖ for fp32 and fp64), so no precision needs tuning; a number overrides it.
     With a bf16/fp16 base model, ``fd_float32`` says where ``fd`` runs the base model in fp32:
     ``"auto"`` runs the last T inner steps, the outer pass and the probes in fp32 on contexts that
-    need it (under ``perk.meta_gradient.FLOAT32_BELOW_TOKENS`` tokens per adapter), ``"unrolled"``
+    need it (under ``perk.meta_gradient.FLOAT32_BELOW_TOKENS`` tokens per adapter, or segments under
+    ``FLOAT32_BELOW_SEGMENT_TOKENS``: ``float32_passes_needed``), ``"unrolled"``
     always, ``"never"`` never (every pass in the base dtype).
 
     Token weighting (``token_weighting``, off by default) puts a meta-learned weight in (0, 2) on
@@ -129,7 +130,7 @@ class PerkConfig:
     adam_eps: float = field(1e-8, "AdamW epsilon of the inner steps")
     meta_grad: str = field("fd", "Hessian-vector products of the meta-gradient: fd, exact or first_order")
     fd_epsilon: float | None = field(None, "finite-difference step of the fd mode (none: chosen from the base model's dtype and the adapter's norm)")
-    fd_float32: str = field("auto", "fd with a bf16/fp16 base: last T steps, outer pass and probes in fp32 on short contexts (auto), always (unrolled) or never")
+    fd_float32: str = field("auto", "fd with a bf16/fp16 base: last T steps, outer pass and probes in fp32 on short contexts or segments (auto), always (unrolled) or never")
     token_weighting: bool = field(False, "meta-learn weights on the context tokens' losses")
     weighting_hidden: int = field(32, "hidden units of the token-weighting MLP")
     micro_batch_tokens: int = field(4096, "segment tokens per forward/backward (bounds activation memory)")

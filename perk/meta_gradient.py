@@ -58,6 +58,10 @@ FD_STEP_SCALE = 0.04
 # Contexts shorter than this (tokens per adapter) get fp32 passes in fd (see float32_from): tiny
 # contexts of 42-47 tokens needed them, 256-token ones did not; nothing was measured in between.
 FLOAT32_BELOW_TOKENS = 128
+# Segments shorter than this get them too: 256-token contexts cut into 32-token segments fell short of
+# the fidelity targets in bf16 (fd at half its step did better: truncation) and met them with the fp32
+# passes; 128-token segments met them without. 64 lies between the two lengths measured.
+FLOAT32_BELOW_SEGMENT_TOKENS = 64
 _warned_adam_constants = False
 _warned_short_contexts = False
 
@@ -188,6 +192,13 @@ def short_in_low_precision(adapted: AdaptedModel, segments: TokenBatch) -> bool:
     return low_precision(adapted) and int(segments.tokens_per_adapter().min()) < FLOAT32_BELOW_TOKENS
 
 
+def float32_passes_needed(tokens_per_adapter: int, segment_len: int) -> bool:
+    """Where ``fd_float32="auto"`` runs fd's unrolled passes in fp32 (a bf16/fp16 base): an adapter with
+    fewer than :data:`FLOAT32_BELOW_TOKENS` context tokens, or segments shorter than
+    :data:`FLOAT32_BELOW_SEGMENT_TOKENS`."""
+    return tokens_per_adapter < FLOAT32_BELOW_TOKENS or segment_len < FLOAT32_BELOW_SEGMENT_TOKENS
+
+
 def warn_short_contexts(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch) -> None:
     """Warn once per process where a bf16/fp16 meta-gradient cannot be trusted: contexts under
     :data:`FLOAT32_BELOW_TOKENS` tokens per adapter. There the fp32 meta-gradient is sensitive to
@@ -235,15 +246,16 @@ def float32_from(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch
 
     Only a bf16/fp16 base model has passes to move, and ``config.fd_float32`` says which: its last
     T inner steps, the outer pass and the finite-difference probes run in fp32, with fp32's smaller
-    step, while the first N − T steps stay in the base dtype. ``"auto"`` does so where an adapter
-    has fewer than :data:`FLOAT32_BELOW_TOKENS` context tokens: on such contexts the Hessian term
-    of the meta-gradient is about as large as the first-order one and changes over a shorter scale
-    than the bf16 step ε resolves; the fp32 passes recover most, not all, of the fidelity lost there
+    step, while the first N − T steps stay in the base dtype. ``"auto"`` does so where
+    :func:`float32_passes_needed` says: short contexts, where the Hessian term of the meta-gradient
+    is about as large as the first-order one and changes over a shorter scale than the bf16 step ε
+    resolves (the fp32 passes recover most, not all, of the fidelity lost there), and short segments
     (measurements: ``benchmarks/results/meta-grad-fidelity.md``).
     """
     if not low_precision(adapted) or config.fd_float32 == "never":
         return None
-    if config.fd_float32 == "auto" and not short_in_low_precision(adapted, segments):
+    needed = float32_passes_needed(int(segments.tokens_per_adapter().min()), config.segment_len)
+    if config.fd_float32 == "auto" and not needed:
         return None
     return config.inner_steps - config.unroll_steps
 

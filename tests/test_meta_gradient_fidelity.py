@@ -135,22 +135,26 @@ def test_fd_in_bf16_on_realistic_contexts_meets_the_percentile_targets(smollm2_g
     assert percentile(rate_cosines, 0.1) >= 0.90, rate_cosines
 
 
-def test_short_contexts_get_fp32_passes_from_step_n_minus_t():
-    perk = make_perk("llama", dtype=torch.float32, inner_steps=3, unroll_steps=2)
+def test_short_contexts_and_short_segments_get_fp32_passes_from_step_n_minus_t():
+    segment_len = meta_gradient.FLOAT32_BELOW_SEGMENT_TOKENS
+    perk = make_perk("llama", dtype=torch.float32, inner_steps=3, unroll_steps=2, segment_len=segment_len)
     segments, _ = perk._problem_batches(PROBLEMS)
     assert int(segments.tokens_per_adapter().max()) < meta_gradient.FLOAT32_BELOW_TOKENS
     long_context = [{**PROBLEMS[0], "context": [" ".join(["Mary went to the kitchen."] * 40)]}]
     long_segments, _ = perk._problem_batches(long_context)
     assert int(long_segments.tokens_per_adapter().min()) >= meta_gradient.FLOAT32_BELOW_TOKENS
-    policies = {"auto": (1, None), "unrolled": (1, 1), "never": (None, None)}  # (short, long) contexts
-    for policy, (short, long) in policies.items():
+    # (short context, long context, long context in shorter segments)
+    policies = {"auto": (1, None, 1), "unrolled": (1, 1, 1), "never": (None, None, None)}
+    for policy, want in policies.items():
         perk.config.fd_float32 = policy
         perk.model.to(torch.float32)
         assert meta_gradient.float32_from(perk.adapted, perk.config, segments) is None  # already fp32
         perk.model.to(torch.bfloat16)
-        got = (meta_gradient.float32_from(perk.adapted, perk.config, segments),
-               meta_gradient.float32_from(perk.adapted, perk.config, long_segments))
-        assert got == (short, long), policy
+        got = [meta_gradient.float32_from(perk.adapted, perk.config, batch) for batch in (segments, long_segments)]
+        perk.config.segment_len = segment_len - 1
+        got.append(meta_gradient.float32_from(perk.adapted, perk.config, perk._problem_batches(long_context)[0]))
+        perk.config.segment_len = segment_len
+        assert tuple(got) == want, policy
     with pytest.raises(ValueError, match="fd_float32"):
         PerkConfig(fd_float32="always")
 
@@ -263,31 +267,42 @@ def test_short_contexts_in_bf16_warn_once_that_the_meta_gradient_is_unreliable(m
 
 
 def test_fidelity_report_summarises_cases_and_times_only_idle_ones(tmp_path):
-    def case(family, cosines, seconds, load, bf16_matmuls="torch"):
+    def case(family, cosines, seconds, load, bf16_matmuls="torch", setting="train"):
         modes = {mode: {"cosine adapter_init": c, "cosine inner_lr_log": c, "rel_error adapter_init": 1 - c,
                         "rel_error inner_lr_log": 1 - c, "seconds": seconds} for mode, c in cosines.items()}
-        return {"family": family, "setting": "train", "theta": "trained", "modes": modes, "commit": "abc1234",
+        return {"family": family, "setting": setting, "theta": "trained", "modes": modes, "commit": "abc1234",
                 "date": "2026-12-06", "machine": "cpu", "bf16_matmuls": bf16_matmuls,
-                **({} if load is None else {"load_average": load})}
+                "context_tokens": 45 if family == "tiny" else 250, **({} if load is None else {"load_average": load})}
 
-    cases = [case("qa1", {"fd x1": 0.99, "exact": 1.0}, 10.0, 2.0), case("qa1", {"fd x1": 0.97, "exact": 1.0}, 30.0, 6.0),
-             case("student_records", {"fd x1": 0.95, "exact": 0.98}, 20.0, None), case("tiny", {"fd x1": 0.5, "exact": 0.9}, 4.0, 1.0, "emulated")]
+    def modes(bf16, fp32, exact):
+        return {"fd-bf16": bf16, "fd-fp32-last": fp32, "exact": exact}
+
+    cases = [case("qa1", modes(0.99, 0.999, 1.0), 10.0, 2.0), case("qa1", modes(0.97, 0.998, 1.0), 30.0, 6.0),
+             case("student_records", modes(0.95, 0.997, 0.98), 20.0, None),
+             case("tiny", modes(0.5, 0.8, 0.9), 4.0, 1.0, "emulated"),
+             case("qa1", modes(0.9, 0.96, 0.95), 5.0, 1.0, setting="train-seg32")]
     cases[0].update(problem=3, reference_stability={"adapter_init": 0.536, "inner_lr_log": 0.937})
     readme = tmp_path / "README.md"
     readme.write_text("<!-- fidelity-table: begin -->\n<!-- fidelity-table: end -->\n")
     write_report(tmp_path, cases, readme)
     rows = {(r["contexts"], r["setting"], r["mode"]): r for r in json.loads((tmp_path / "meta-grad-fidelity.json").read_text())["summary"]}
-    realistic = rows[("realistic", "train", "fd x1")]
+    realistic = rows[("realistic", "train", "fd-bf16")]
     assert realistic["cases"] == 3 and realistic["median cosine adapter_init"] == pytest.approx(0.97)
     assert realistic["min cosine adapter_init"] == pytest.approx(0.95)
     assert realistic["median seconds idle"] == 10.0  # the loaded case (6.0) and the unrecorded one are left out
     assert rows[("tiny", "train", "exact")]["median cosine adapter_init"] == pytest.approx(0.9)
     assert rows[("tiny", "train", "exact")]["median seconds idle"] is None  # emulated bf16 matmuls: another cost
+    # the library's default: every pass in bf16 on 256-token contexts in 128-token segments, fp32 passes
+    # on tiny contexts and on 32-token segments (perk.meta_gradient.float32_passes_needed)
+    assert rows[("realistic", "train", "default")]["median cosine adapter_init"] == pytest.approx(0.97)
+    assert rows[("tiny", "train", "default")]["median cosine adapter_init"] == pytest.approx(0.8)
+    assert rows[("realistic", "train-seg32", "default")]["median cosine adapter_init"] == pytest.approx(0.96)
     text = readme.read_text()
-    assert "| realistic | all | trained | fd x1 | 3 | 0.970 / " in text and "| tiny | all | trained | fd x1 | 1 | 0.500 / " in text
+    assert rows[("realistic", "all", "default")]["median cosine adapter_init"] == pytest.approx((0.96 + 0.97) / 2)
+    assert "| realistic | all | trained | default | 4 | 0.96" in text and "| tiny | all | trained | default | 1 | 0.800 / " in text
     assert "| realistic | train |" not in text  # the README gets the rows over every setting, the md every group
     md = (tmp_path / "meta-grad-fidelity.md").read_text()
-    assert "| realistic | train | trained | fd x1 | 3 |" in md
+    assert "| realistic | train | trained | default | 3 |" in md
     # the measured case alone in the stability section, beside its bf16 modes
     assert "| qa1 | 3 | train | trained | 0.536 / 0.937 | 0.990 / 0.990 | 1.000 / 1.000 |" in md
     assert md.count("| student_records |") == 0
