@@ -546,8 +546,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 # CPU path: a bf16 base model with fp32 adapters
 # ----------------------------------------------------------------------------------------------
 # The reference runs the adapter term in fp32: beside a bf16 base that costs an fp32 (rows, d_out)
-# product, its cast and a second add (and their transposes in backward), 2-3x the base layer's time
-# on a CPU with native bf16. Here the fp32 factors enter bf16 GEMMs as (hi, lo) bf16 pairs, so the
+# product, its cast and a second add (and their transposes in backward), memory-bound work next to a
+# fast native bf16 GEMM. Here the fp32 factors enter bf16 GEMMs as (hi, lo) bf16 pairs, so the
 # term keeps ~2⁻¹⁶ of its relative precision (fp32 adapters' small updates are not lost under bf16
 # spacing) and is added to the base output inside one bf16 addmm (fp32 accumulation, one rounding
 # where the reference rounds twice). The rank-r factors (h, dh) and the adapters' gradients stay fp32.
