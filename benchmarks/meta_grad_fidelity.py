@@ -293,9 +293,9 @@ def default_mode(case: dict) -> str:
 def write_report(out: Path, cases: list[dict], readme: Path = README) -> None:
     """Group the cases (realistic = contexts of >= 256 tokens, tiny) and write json + md, and the
     rows per θ over every setting, of the main modes, into ``readme``'s fidelity table."""
+    cases = [{**case, "modes": {**case["modes"], "default": case["modes"][default_mode(case)]}} for case in cases]
     groups: dict[tuple, list[dict]] = {}
     for case in cases:
-        case["modes"]["default"] = case["modes"][default_mode(case)]
         size = "tiny" if case["family"] == "tiny" else "realistic"
         groups.setdefault((size, case["setting"], case["theta"]), []).append(case)
         groups.setdefault((size, "all", case["theta"]), []).append(case)

@@ -254,8 +254,9 @@ def float32_from(adapted: AdaptedModel, config: PerkConfig, segments: TokenBatch
     """
     if not low_precision(adapted) or config.fd_float32 == "never":
         return None
-    needed = float32_passes_needed(int(segments.tokens_per_adapter().min()), config.segment_len)
-    if config.fd_float32 == "auto" and not needed:
+    if config.fd_float32 == "auto" and not float32_passes_needed(
+        int(segments.tokens_per_adapter().min()), config.segment_len
+    ):
         return None
     return config.inner_steps - config.unroll_steps
 
